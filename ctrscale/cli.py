@@ -1,0 +1,156 @@
+"""The `ctrscale` command line: one entry point, one subcommand per job.
+
+Argument parsing lives here and stays import-light (`ctrscale --help` must not load torch);
+each subcommand imports its implementation only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+
+from ctrscale import __version__
+from ctrscale.errors import CtrscaleError
+
+Runner = Callable[[argparse.Namespace], int]
+
+
+def _lazy(target: str) -> Runner:
+    """`package.module:function`, imported when the subcommand runs."""
+    module_name, function_name = target.split(":")
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module_name), function_name)(args)
+
+    return run
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="raw Criteo TSV (plain or .gz) → day-partitioned Parquet",
+        description="Convert raw Criteo TSV files into the Parquet dataset the loader reads.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="raw TSV files (.gz allowed)")
+    p.add_argument("--out", required=True, help="dataset directory (day=N/ partitions inside)")
+    p.add_argument(
+        "--day",
+        type=int,
+        action="append",
+        help="day number per input, in order (default: N from a name like day_N, else 0, 1, …)",
+    )
+    p.add_argument(
+        "--dense-transform",
+        choices=["log1p", "minmax"],
+        default=None,
+        help="log1p(max(x,0)) [default for a new dataset] or min-max to [0,1] "
+        "fitted once and stored; an existing dataset keeps its choice",
+    )
+    p.add_argument(
+        "--ids",
+        choices=["hash", "vocab"],
+        default=None,
+        help="hash: hex→int mod table size [default for a new dataset]; vocab: "
+        "frequency-thresholded vocabulary built once and reused",
+    )
+    p.add_argument(
+        "--table-size",
+        type=int,
+        default=None,
+        help="hash: rows per table (ids mod this; default: Criteo's cardinality "
+        "capped at 10,000,000)",
+    )
+    p.add_argument(
+        "--min-count",
+        type=int,
+        default=None,
+        help="vocab: ids seen fewer times map to the OOV id (default 4)",
+    )
+    p.add_argument(
+        "--max-reject-fraction",
+        type=float,
+        default=0.001,
+        help="fail when more than this fraction of rows is rejected (default 0.001)",
+    )
+    p.add_argument(
+        "--row-group-rows",
+        type=int,
+        default=131_072,
+        help="rows per Parquet row group (default 131072)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace day partitions that already exist"
+    )
+    p.set_defaults(run=_lazy("ctrscale.data.prepare:run_cli"))
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="synthetic Criteo-like data from a planted teacher (known Bayes-optimal AUC)",
+        description="Generate Criteo-shaped data whose true click probability is known.",
+    )
+    p.add_argument("--rows", type=int, required=True, help="rows per day")
+    p.add_argument("--days", type=int, default=1, help="number of day partitions (default 1)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="seed of teacher and data (default 0)")
+    p.add_argument(
+        "--format",
+        choices=["parquet", "tsv"],
+        default="parquet",
+        help="parquet (prepared schema) or raw Criteo TSV for `prepare`",
+    )
+    p.add_argument(
+        "--cardinality-scale",
+        type=float,
+        default=0.01,
+        help="multiply Criteo Kaggle's per-feature cardinalities (default 0.01)",
+    )
+    p.add_argument("--first-day", type=int, default=0, help="number of the first day (default 0)")
+    p.set_defaults(run=_lazy("ctrscale.data.synth:run_cli"))
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks (throughput, AUC versus batch size)")
+    kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    loader = kinds.add_parser("loader", help="rows/s of the Parquet → Batch loader alone")
+    loader.add_argument(
+        "--data", default=None, help="dataset directory (default: generate a synthetic one)"
+    )
+    loader.add_argument("--batch-sizes", type=int, nargs="+", default=[16_384, 131_072])
+    loader.add_argument(
+        "--rows", type=int, default=2_000_000, help="rows to generate when --data is not given"
+    )
+    loader.add_argument("--out", default=None, help="also write the results as JSON here")
+    loader.set_defaults(run=_lazy("ctrscale.bench.loader:run_cli"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctrscale",
+        description="Large-batch CTR training on TorchRec (CowClip, LAMB/LARS, sharded tables).",
+    )
+    parser.add_argument("--version", action="version", version=f"ctrscale {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_prepare(sub)
+    _add_synth(sub)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except CtrscaleError as exc:
+        print(f"ctrscale {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

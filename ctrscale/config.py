@@ -1,0 +1,200 @@
+"""The one typed configuration shared by every command, TOML presets, `--set` overrides and tests.
+
+A run is described by `Config`; TOML files mirror its sections (`[data]`, `[model]`, …) and
+`--set section.key=value` overrides any field. Unknown keys and invalid values are errors that
+name the key. Every default cites where it comes from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomli_w
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ctrscale.errors import CtrscaleError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class ConfigError(CtrscaleError):
+    """A configuration that cannot be used; the message names the offending key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataConfig(Section):
+    """Where the Parquet data is and how it is batched."""
+
+    train: list[str] = Field(default_factory=list, description="Parquet files, dirs or globs")
+    eval: list[str] = Field(
+        default_factory=list,
+        description="held-out Parquet data; empty = hold out `holdout_fraction` of `train`",
+    )
+    # 10% is the CowClip paper's random 90/10 split of Criteo Kaggle.
+    holdout_fraction: Fraction = 0.1
+    holdout_seed: int = 0
+    # 128K = 2^17, the CowClip paper's largest headline batch and TorchRec DLRM's 1TB batch.
+    batch_size: PositiveInt = 131_072
+    eval_batch_size: PositiveInt = 131_072
+    drop_last: bool = True
+    shuffle: bool = True
+    # Rows mixed across row groups by the shuffle buffer: a few row groups' worth (prepare
+    # writes 128K-row groups), bounded so memory does not grow with the dataset.
+    shuffle_buffer_rows: PositiveInt = 1_048_576
+    prefetch_batches: PositiveInt = 2
+
+
+class ModelConfig(Section):
+    """Architecture; table sizes come from the dataset's metadata.json."""
+
+    name: Literal["deepfm", "dlrm", "dcnv2", "wide_deep"] = "deepfm"
+    # Paper (CowClip, DeepFM on Criteo) uses 10; FBGEMM kernels need a multiple of 4, and 12
+    # is the nearest one that does not shrink the model.
+    embedding_dim: PositiveInt = 12
+    # DeepFM DNN 400-400-400 (CowClip paper / DeepCTR defaults).
+    dnn: list[PositiveInt] = Field(default_factory=lambda: [400, 400, 400])
+    # DLRM bottom MLP for dense features (torchrec_dlrm Criteo example); its last layer must
+    # equal embedding_dim and is appended automatically.
+    dense_arch: list[PositiveInt] = Field(default_factory=lambda: [512, 256])
+    # DCNv2 cross network: 3 low-rank layers of rank 512 (torchrec_dlrm DCN example).
+    dcn_num_layers: PositiveInt = 3
+    dcn_low_rank: PositiveInt = 512
+    # Normal(0, 1e-2) embedding init (CowClip paper, "init std 1e-2").
+    init_std: Annotated[float, Field(gt=0.0)] = 1e-2
+
+    @model_validator(mode="after")
+    def _dims_fbgemm_accepts(self) -> ModelConfig:
+        if self.embedding_dim % 4:
+            raise ValueError(
+                f"model.embedding_dim={self.embedding_dim}: FBGEMM's embedding kernels need a "
+                "multiple of 4 (e.g. 8, 12, 16)"
+            )
+        return self
+
+
+class EmbeddingOptimConfig(Section):
+    """Optimizer of the embedding tables (fused into the FBGEMM backward where supported)."""
+
+    name: Literal["sgd", "adagrad", "rowwise_adagrad", "adam"] = "adam"
+    # CowClip paper: Adam on embeddings at lr 1e-4, kept fixed as the batch grows.
+    lr: Annotated[float, Field(gt=0.0)] = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam paper defaults
+    eps: Annotated[float, Field(gt=0.0)] = 1e-8  # Adam paper default
+    # Coefficient λ of the L2 penalty λ‖w‖² on looked-up rows (gradient 2λw, Keras' l2(λ)).
+    l2: NonNegativeFloat = 0.0
+
+
+class DenseOptimConfig(Section):
+    """Optimizer of every non-embedding parameter."""
+
+    name: Literal["adam", "adamw", "sgd", "lamb", "lars"] = "adam"
+    # CowClip paper: dense lr 8e-4 at the base batch (scaled by the scaling rule).
+    lr: Annotated[float, Field(gt=0.0)] = 8e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: Annotated[float, Field(gt=0.0)] = 1e-8
+    momentum: NonNegativeFloat = 0.9  # SGD/LARS (LARS paper uses 0.9)
+    weight_decay: NonNegativeFloat = 0.0
+
+
+class OptimConfig(Section):
+    embedding: EmbeddingOptimConfig = Field(default_factory=EmbeddingOptimConfig)
+    dense: DenseOptimConfig = Field(default_factory=DenseOptimConfig)
+
+
+class TrainConfig(Section):
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None
+    eval_every_steps: PositiveInt | None = None
+    checkpoint_every_steps: PositiveInt | None = None
+    log_every_steps: PositiveInt = 10
+    seed: int = 0
+    tensorboard: bool = False
+
+
+class DistributedConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    sharding_type: Literal[
+        "auto", "table_wise", "column_wise", "table_column_wise", "row_wise", "data_parallel"
+    ] = "auto"
+
+
+class Config(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+
+def _parse_override_value(raw: str) -> Any:
+    """TOML value syntax (`3`, `1e-4`, `true`, `[400, 400]`, `"x"`); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+    *parents, leaf = key.strip().split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+    node[leaf] = _parse_override_value(raw.strip())
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        got = f" (got {item['input']!r})" if "input" in item and item["type"] != "missing" else ""
+        lines.append(f"  {key}: {item['msg']}{got}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (optional), apply `section.key=value` overrides, validate."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            tree = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for assignment in overrides or []:
+        _apply_override(tree, assignment)
+    if overrides:
+        source += " + --set " + " ".join(overrides)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def config_to_toml(config: Config) -> str:
+    return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the effective config (what actually ran) as TOML that `load_config` reads back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(config_to_toml(config))
+    tmp.replace(path)

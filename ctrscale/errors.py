@@ -1,0 +1,7 @@
+"""The one exception type the CLI turns into a clean message and a non-zero exit code."""
+
+
+class CtrscaleError(Exception):
+    """Bad input or an impossible request; the message names the file/row/field/key at fault."""
+
+    exit_code = 1
