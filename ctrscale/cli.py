@@ -112,6 +112,29 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_lazy("ctrscale.data.synth:run_cli"))
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a CTR model on Parquet data (one process, or under torchrun)",
+        description="Train with the given config; `torchrun --nproc_per_node N -m ctrscale train` "
+        "runs N processes (gloo on CPU, nccl on GPUs).",
+    )
+    p.add_argument("--config", help="TOML preset (see pipelines/); defaults apply without it")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set data.batch_size=8192 (repeatable)",
+    )
+    p.add_argument("--out", default="runs/train", help="output directory (default runs/train)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+    )
+    p.set_defaults(run=_lazy("ctrscale.train.loop:run_cli"))
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks (throughput, AUC versus batch size)")
     kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -136,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
     _add_synth(sub)
+    _add_train(sub)
     _add_bench(sub)
     return parser
 

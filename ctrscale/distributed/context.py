@@ -1,0 +1,86 @@
+"""Process-group set-up: one code path for 1 CPU process, N gloo processes and N nccl GPUs.
+
+Rank and world size come from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT); without them the run is a single process. Device
+and backend come from the configuration (`auto` = cuda+nccl when a GPU is visible, else cpu+gloo).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ctrscale.config import DistributedConfig
+from ctrscale.errors import CtrscaleError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def resolve_device_and_backend(config: DistributedConfig, local_rank: int) -> tuple[str, str]:
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CtrscaleError("distributed.device=cuda, but no CUDA device is visible")
+    backend = config.backend
+    if backend == "auto":
+        backend = "nccl" if device == "cuda" else "gloo"
+    if backend == "nccl" and device != "cuda":
+        raise CtrscaleError("distributed.backend=nccl needs distributed.device=cuda")
+    return device, backend
+
+
+def init_distributed(config: DistributedConfig, timeout_s: float = 1800.0) -> DistContext:
+    """Join (or create) the default process group; idempotent within one process."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    device_type, backend = resolve_device_and_backend(config, local_rank)
+    device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        if dist.get_backend() != backend:
+            raise CtrscaleError(
+                f"a {dist.get_backend()} process group already exists; the config asks for "
+                f"{backend}"
+            )
+        return DistContext(
+            dist.get_rank(), dist.get_world_size(), local_rank, local_world_size, device, backend
+        )
+    if world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    dist.init_process_group(
+        backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+    )
+    return DistContext(rank, world_size, local_rank, local_world_size, device, backend)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,144 @@
+"""Sharding plans and the DistributedModelParallel wrapper.
+
+Every embedding table is either *fused* (table-/column-/row-wise shards whose optimizer runs
+inside FBGEMM's backward, so no table-sized gradient ever exists) or *data-parallel* (a
+replicated table with an ordinary all-reduced `.grad`, which the trainer then updates with the
+same embedding-optimizer settings). `auto` lets TorchRec's planner pick among the fused types;
+data-parallel is used only when asked for, because the planner would otherwise replicate every
+small table and silently route it to a different optimizer path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torch import nn
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from ctrscale.config import EmbeddingOptimConfig
+from ctrscale.distributed.context import DistContext
+from ctrscale.errors import CtrscaleError
+
+# Pooled-table sharding types TorchRec can run per device. Row-wise needs reduce-scatter,
+# which gloo lacks, so TorchRec refuses it on CPU ("No available sharding type and compute
+# kernel combination").
+SHARDING_TYPES = {
+    "cpu": ("table_wise", "column_wise", "table_column_wise", "data_parallel"),
+    "cuda": (
+        "table_wise",
+        "column_wise",
+        "table_column_wise",
+        "row_wise",
+        "table_row_wise",
+        "data_parallel",
+    ),
+}
+
+# FBGEMM optimizers fused into the TBE backward, per device (CPU kernels exist only for these;
+# ADAM and the others raise "not supported in CPU mode").
+FUSED_OPTIMIZERS = {
+    "cpu": {
+        "sgd": EmbOptimType.EXACT_SGD,
+        "adagrad": EmbOptimType.EXACT_ADAGRAD,
+        "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+    },
+    "cuda": {
+        "sgd": EmbOptimType.EXACT_SGD,
+        "adagrad": EmbOptimType.EXACT_ADAGRAD,
+        "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        "adam": EmbOptimType.ADAM,
+    },
+}
+
+
+def allowed_sharding_types(device: torch.device) -> tuple[str, ...]:
+    return SHARDING_TYPES[device.type]
+
+
+def check_sharding_type(requested: str, device: torch.device) -> None:
+    if requested != "auto" and requested not in allowed_sharding_types(device):
+        raise CtrscaleError(
+            f"distributed.sharding_type={requested} is not available on {device.type}; "
+            f"possible: auto, {', '.join(allowed_sharding_types(device))}"
+            + (" (row-wise needs reduce-scatter, which gloo lacks)" if device.type == "cpu" else "")
+        )
+
+
+def fused_optimizer_params(config: EmbeddingOptimConfig, device: torch.device) -> dict[str, Any]:
+    """FBGEMM TBE arguments that make the embedding optimizer run inside the backward."""
+    available = FUSED_OPTIMIZERS[device.type]
+    if config.name not in available:
+        raise CtrscaleError(
+            f"optim.embedding.name={config.name} has no fused FBGEMM kernel on {device.type}; "
+            f"fused there: {', '.join(available)}"
+        )
+    params: dict[str, Any] = {"optimizer": available[config.name], "learning_rate": config.lr}
+    if config.name in ("adagrad", "rowwise_adagrad", "adam"):
+        params["eps"] = config.eps
+    if config.name == "adam":
+        params["beta1"], params["beta2"] = config.betas
+    return params
+
+
+def _table_constraints(
+    ebc: EmbeddingBagCollection, sharding_type: str, device: torch.device
+) -> dict[str, ParameterConstraints]:
+    if sharding_type == "data_parallel":
+        kinds, kernels = ["data_parallel"], [EmbeddingComputeKernel.DENSE.value]
+    else:
+        fused_types = [t for t in allowed_sharding_types(device) if t != "data_parallel"]
+        kinds = fused_types if sharding_type == "auto" else [sharding_type]
+        kernels = [EmbeddingComputeKernel.FUSED.value]
+    return {
+        table.name: ParameterConstraints(sharding_types=list(kinds), compute_kernels=kernels)
+        for table in ebc.embedding_bag_configs()
+    }
+
+
+def shard_model(
+    model: nn.Module,
+    ebc: EmbeddingBagCollection,
+    ctx: DistContext,
+    *,
+    sharding_type: str,
+    embedding_optim: EmbeddingOptimConfig,
+    local_batch_size: int,
+) -> DistributedModelParallel:
+    """Plan and shard `model`'s embedding tables; dense layers become data-parallel (DDP)."""
+    check_sharding_type(sharding_type, ctx.device)
+    fused_params = (
+        None
+        if sharding_type == "data_parallel"
+        else fused_optimizer_params(embedding_optim, ctx.device)
+    )
+    sharders = [EmbeddingBagCollectionSharder(fused_params=fused_params)]
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(
+            world_size=ctx.world_size,
+            compute_device=ctx.device.type,
+            local_world_size=ctx.local_world_size,
+        ),
+        batch_size=local_batch_size,
+        constraints=_table_constraints(ebc, sharding_type, ctx.device),
+    )
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    return DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders)
+
+
+def data_parallel_table_names(dmp: DistributedModelParallel) -> list[str]:
+    """Tables replicated with a dense kernel (ordinary `.grad`s, not fused)."""
+    return [
+        name
+        for module_plan in dmp.plan.plan.values()
+        for name, option in module_plan.items()
+        if option.sharding_type == ShardingType.DATA_PARALLEL.value
+    ]

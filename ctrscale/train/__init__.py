@@ -1,0 +1,1 @@
+"""Training: the loop (`loop.py`), exact evaluation, DCP checkpoints and metric logs."""

@@ -1,0 +1,289 @@
+"""`ctrscale train`: the training loop, readable top to bottom.
+
+One code path for every launch: a single process, torchrun with N gloo CPU processes, or N
+nccl GPUs. Each step every rank holds its slice of the same global batch; the loss of a rank
+is its share of the *global* mean loss, so gradients equal the single-process ones on the same
+global batch (see `backward_global_mean`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ctrscale.config import Config, load_config, save_config
+from ctrscale.data.loader import ParquetBatchLoader
+from ctrscale.data.schema import TRUE_PROBABILITY, write_json_atomic
+from ctrscale.distributed.context import DistContext, init_distributed
+from ctrscale.distributed.sharding import shard_model
+from ctrscale.errors import CtrscaleError
+from ctrscale.models import build_model
+from ctrscale.optim.builder import RunOptimizers, build_optimizers, module_path
+from ctrscale.train import checkpoint
+from ctrscale.train.evaluate import EvalResult, evaluate
+from ctrscale.train.metrics_log import MetricsLog
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    epoch: int = 0
+    rows_seen: int = 0
+
+
+def make_loaders(config: Config, ctx: DistContext) -> tuple[ParquetBatchLoader, ParquetBatchLoader]:
+    data = config.data
+    if not data.train:
+        raise CtrscaleError("data.train is empty: give the Parquet dataset(s) to train on")
+    if data.batch_size % ctx.world_size:
+        raise CtrscaleError(
+            f"data.batch_size={data.batch_size} must be divisible by the world size "
+            f"{ctx.world_size} (each rank takes an equal slice of every global batch)"
+        )
+    held_out = not data.eval
+    common = dict(rank=ctx.rank, world_size=ctx.world_size, prefetch_batches=data.prefetch_batches)
+    split = dict(holdout_fraction=data.holdout_fraction, holdout_seed=data.holdout_seed)
+    train = ParquetBatchLoader(
+        data.train,
+        data.batch_size,
+        shuffle=data.shuffle,
+        seed=config.train.seed,
+        shuffle_buffer_rows=data.shuffle_buffer_rows,
+        drop_last=data.drop_last,
+        **(dict(split="train", **split) if held_out else {}),
+        **common,
+    )
+    evaluation = ParquetBatchLoader(
+        data.train if held_out else data.eval,
+        data.eval_batch_size - data.eval_batch_size % ctx.world_size,
+        shuffle=False,
+        drop_last=False,
+        extra_columns=(TRUE_PROBABILITY,) if train.has_column(TRUE_PROBABILITY) else (),
+        table_sizes=train.table_sizes,
+        **(dict(split="holdout", **split) if held_out else {}),
+        **common,
+    )
+    return train, evaluation
+
+
+def backward_global_mean(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    global_rows: int,
+    optimizers: RunOptimizers,
+    world_size: int,
+) -> torch.Tensor:
+    """Backward of this rank's share of the global-batch mean loss; returns the local loss sum.
+
+    Sharded tables sum the gradients of all ranks' samples (all-to-all), so dividing the local
+    sum by the *global* row count makes them exact. DDP then averages dense gradients over
+    ranks, which divides by the world size once more: multiplying back restores the global
+    mean gradient (also when the last batch leaves ranks with unequal rows).
+    """
+    loss_sum = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+    (loss_sum / global_rows).backward()
+    if world_size > 1:
+        grads = [p.grad for p in optimizers.all_reduced_params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, float(world_size))
+    return loss_sum.detach()
+
+
+def global_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def train(config: Config, out_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    ctx = init_distributed(config.distributed)
+    torch.manual_seed(config.train.seed)
+    train_loader, eval_loader = make_loaders(config, ctx)
+
+    model = build_model(config.model, train_loader.table_sizes, dense_device=ctx.device)
+    embedding_prefix = module_path(model, model.embedding_bag_collection)
+    dmp = shard_model(
+        model,
+        model.embedding_bag_collection,
+        ctx,
+        sharding_type=config.distributed.sharding_type,
+        embedding_optim=config.optim.embedding,
+        local_batch_size=config.data.batch_size // ctx.world_size,
+    )
+    optimizers = build_optimizers(dmp, embedding_prefix, config.optim)
+
+    steps_per_epoch = train_loader.num_batches()
+    if steps_per_epoch == 0:
+        raise CtrscaleError(
+            f"the training data holds fewer rows than one batch ({config.data.batch_size}); "
+            "lower data.batch_size or set data.drop_last=false"
+        )
+    total_steps = config.train.epochs * steps_per_epoch
+    if config.train.max_steps is not None:
+        total_steps = min(total_steps, config.train.max_steps)
+
+    ckpt_dir = out_dir / "checkpoints"
+    progress = Progress()
+    if resume and (latest := checkpoint.latest_checkpoint(ckpt_dir)) is not None:
+        progress = _restore(latest, dmp, optimizers, train_loader)
+    elif ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "config.toml")
+
+    log = MetricsLog(
+        out_dir,
+        enabled=ctx.is_main,
+        total_steps=total_steps,
+        start_step=progress.step,
+        tensorboard=config.train.tensorboard,
+    )
+    log.message(
+        f"training {config.model.name}: {total_steps} steps of {config.data.batch_size} rows "
+        f"({steps_per_epoch} per epoch) on {ctx.world_size} × {ctx.device.type}, "
+        f"plan:\n{dmp.plan}"
+    )
+    last_eval: EvalResult | None = None
+    window = {"loss_sum": 0.0, "rows": 0, "steps": 0, "start": time.perf_counter()}
+    train_seconds = 0.0
+
+    resumed_mid_epoch = progress.step > 0
+    while progress.step < total_steps:
+        if not resumed_mid_epoch:
+            train_loader.set_epoch(progress.epoch)
+        resumed_mid_epoch = False
+        for batch in train_loader:
+            batch = batch.to(ctx.device)
+            local_rows = batch.labels.numel()
+            global_rows = (
+                config.data.batch_size
+                if config.data.drop_last
+                else int(global_sum([local_rows], ctx.device)[0])
+            )
+            optimizers.zero_grad()
+            logits = dmp(batch.dense_features, batch.sparse_features)
+            loss_sum = backward_global_mean(
+                logits, batch.labels, global_rows, optimizers, ctx.world_size
+            )
+            optimizers.step()
+
+            progress.step += 1
+            progress.rows_seen += global_rows
+            window["loss_sum"] += float(loss_sum)
+            window["rows"] += global_rows
+            window["steps"] += 1
+            if progress.step % config.train.log_every_steps == 0 or progress.step == total_steps:
+                train_seconds += _log_window(log, window, progress, optimizers, ctx)
+            paused = time.perf_counter()
+            if config.train.eval_every_steps and progress.step % config.train.eval_every_steps == 0:
+                last_eval = _evaluate_and_log(log, dmp, eval_loader, ctx, progress)
+            if (
+                config.train.checkpoint_every_steps
+                and progress.step % config.train.checkpoint_every_steps == 0
+            ):
+                _save(ckpt_dir, dmp, optimizers, train_loader, progress)
+            window["start"] += time.perf_counter() - paused  # rows/s counts training time only
+            if progress.step >= total_steps:
+                break
+        else:
+            progress.epoch += 1
+
+    if (
+        last_eval is None
+        or not config.train.eval_every_steps
+        or (progress.step % config.train.eval_every_steps)
+    ):
+        last_eval = _evaluate_and_log(log, dmp, eval_loader, ctx, progress)
+    _save(ckpt_dir, dmp, optimizers, train_loader, progress)
+    rows_per_s = progress.rows_seen / train_seconds if train_seconds > 0 else 0.0
+    final = {
+        **last_eval.as_dict(),
+        "steps": progress.step,
+        "epochs": progress.step / steps_per_epoch,
+        "rows_per_s": rows_per_s,
+        "batch_size": config.data.batch_size,
+        "world_size": ctx.world_size,
+        "device": ctx.device.type,
+    }
+    if ctx.is_main:
+        write_json_atomic(out_dir / "metrics.json", final)
+    log.close()
+    return final
+
+
+def _log_window(
+    log: MetricsLog,
+    window: dict[str, float],
+    progress: Progress,
+    optimizers: RunOptimizers,
+    ctx: DistContext,
+) -> float:
+    (loss_sum,) = global_sum([window["loss_sum"]], ctx.device)
+    seconds = time.perf_counter() - window["start"]
+    rows_per_s = window["rows"] / seconds if seconds > 0 else 0.0
+    loss = loss_sum / max(window["rows"], 1)  # rows are already global-batch rows
+    log.record(
+        "train",
+        progress.step,
+        {
+            "epoch": progress.epoch,
+            "loss": loss,
+            "rows_per_s": rows_per_s,
+            "lr": optimizers.learning_rates(),
+        },
+    )
+    log.progress(int(window["steps"]), loss=f"{loss:.4f}", rows_s=f"{rows_per_s:,.0f}")
+    window.update(loss_sum=0.0, rows=0, steps=0, start=time.perf_counter())
+    return seconds
+
+
+def _evaluate_and_log(log, dmp, eval_loader, ctx, progress) -> EvalResult:
+    result = evaluate(dmp, eval_loader, ctx.device)
+    log.record("eval", progress.step, {"epoch": progress.epoch, **result.as_dict()})
+    gap = "" if result.bayes_auc is None else f" (Bayes-optimal {result.bayes_auc:.5f})"
+    log.message(
+        f"step {progress.step}: eval AUC {result.auc:.5f}{gap}, LogLoss {result.logloss:.5f} "
+        f"on {result.rows:,} rows"
+    )
+    return result
+
+
+def _checkpoint_tensors(dmp, optimizers: RunOptimizers) -> dict[str, Any]:
+    return {"model": dmp.state_dict(), "optim": optimizers.combined.state_dict()}
+
+
+def _save(ckpt_dir, dmp, optimizers, train_loader, progress: Progress) -> None:
+    state = {
+        "epoch": progress.epoch,
+        "rows_seen": progress.rows_seen,
+        "loader": train_loader.state_dict(),
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+    }
+    checkpoint.save_checkpoint(ckpt_dir, progress.step, _checkpoint_tensors(dmp, optimizers), state)
+
+
+def _restore(path, dmp, optimizers: RunOptimizers, train_loader) -> Progress:
+    optimizers.combined.init_state()  # materialise lazily created optimizer state to load into
+    tensors = _checkpoint_tensors(dmp, optimizers)
+    state = checkpoint.load_checkpoint(path, tensors)
+    dmp.load_state_dict(tensors["model"])
+    optimizers.combined.load_state_dict(tensors["optim"])
+    train_loader.load_state_dict(state["loader"])
+    return Progress(step=state["step"], epoch=state["epoch"], rows_seen=state["rows_seen"])
+
+
+def run_cli(args) -> int:
+    config = load_config(args.config, args.overrides)
+    metrics = train(config, args.out, resume=args.resume)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        summary = {k: metrics[k] for k in ("auc", "logloss", "bayes_auc", "steps", "rows_per_s")}
+        print(json.dumps(summary))
+    return 0

@@ -1,0 +1,48 @@
+"""Checkpoints are atomic, point to the newest complete one, and never unpickle code."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from ctrscale.errors import CtrscaleError
+from ctrscale.train import checkpoint
+
+
+def test_save_then_load_round_trips_tensors_and_state(tmp_path, single_process_group):
+    tensors = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "optim": {"m": torch.ones(3)}}
+    path = checkpoint.save_checkpoint(tmp_path, 5, tensors, {"epoch": 1, "loader": {"k": 2}})
+    assert checkpoint.latest_checkpoint(tmp_path) == path
+
+    target = {"model": {"w": torch.zeros(2, 3)}, "optim": {"m": torch.zeros(3)}}
+    state = checkpoint.load_checkpoint(path, target)
+    torch.testing.assert_close(target["model"]["w"], tensors["model"]["w"])
+    torch.testing.assert_close(target["optim"]["m"], tensors["optim"]["m"])
+    assert state == {"epoch": 1, "loader": {"k": 2}, "step": 5}
+
+
+def test_latest_moves_forward_and_old_checkpoints_are_pruned(tmp_path, single_process_group):
+    for step in (1, 2, 3):
+        checkpoint.save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, {}, keep=2)
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step-00000003"
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000002", "step-00000003"]
+
+
+def test_an_unfinished_checkpoint_is_ignored(tmp_path, single_process_group):
+    checkpoint.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {})
+    # What a crash mid-save leaves behind: a staging directory without the rename.
+    (tmp_path / ".step-00000002.tmp").mkdir()
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step-00000001"
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_loading_refuses_metadata_that_would_run_code(tmp_path, single_process_group):
+    path = checkpoint.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {})
+    (path / ".metadata").write_bytes(pickle.dumps(_RunsCode()))
+    with pytest.raises(CtrscaleError, match=r"posix\.system|os\.system"):
+        checkpoint.load_checkpoint(path, {"w": torch.zeros(2)})
