@@ -1,0 +1,102 @@
+"""Batch-size scaling rules: how learning rates, L2 and warm-up change with the batch size.
+
+With s = batch_size / base_batch_size:
+
+- `none`:    nothing changes.
+- `linear`:  every learning rate × s (Goyal et al., 2017).
+- `sqrt`:    every learning rate × √s (Krizhevsky, 2014; Hoffer et al., 2017).
+- `cowclip`: embedding LR unchanged, embedding L2 × s, dense LR × √s, the dense LR warmed up
+  linearly over the first epoch, and CowClip on (Zheng et al., AAAI 2023, Sec. 4 and the
+  LargeBatchCTR README: Criteo 1K → 128K keeps lr_embed 1e-4, l2 1e-5·s, lr 8e-4·√s, warmup 1).
+
+The warm-up applies to the dense LR; embedding LRs are never warmed up (as in LargeBatchCTR).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ctrscale.errors import CtrscaleError
+
+SCALING_RULES = ("none", "linear", "sqrt", "cowclip")
+
+
+class HyperparameterError(CtrscaleError, ValueError):
+    """An optimizer hyperparameter that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class ResolvedHyperparameters:
+    """The hyperparameters a run actually uses at its batch size (saved with the run)."""
+
+    embedding_lr: float
+    embedding_l2: float
+    dense_lr: float
+    dense_warmup_steps: int
+    cowclip: bool
+    scale: float
+    rule: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise HyperparameterError(message)
+
+
+def resolve(
+    rule: str,
+    base_batch_size: int,
+    batch_size: int,
+    embedding_lr: float,
+    embedding_l2: float,
+    dense_lr: float,
+    steps_per_epoch: int,
+    warmup_steps: int | None = None,
+) -> ResolvedHyperparameters:
+    """Scale base-batch hyperparameters to `batch_size` by `rule` (see the module docstring).
+
+    `embedding_lr`, `embedding_l2` and `dense_lr` are the values tuned at `base_batch_size`;
+    `steps_per_epoch` counts steps at `batch_size`. The dense warm-up is `warmup_steps` when
+    given, else one epoch for `cowclip` and none for the other rules.
+    """
+    _require(
+        rule in SCALING_RULES,
+        f"scaling rule {rule!r} is unknown; valid rules: {', '.join(SCALING_RULES)}",
+    )
+    _require(base_batch_size > 0, f"base_batch_size must be positive (got {base_batch_size})")
+    _require(batch_size > 0, f"batch_size must be positive (got {batch_size})")
+    _require(steps_per_epoch > 0, f"steps_per_epoch must be positive (got {steps_per_epoch})")
+    _require(embedding_lr > 0, f"embedding_lr must be positive (got {embedding_lr})")
+    _require(dense_lr > 0, f"dense_lr must be positive (got {dense_lr})")
+    _require(embedding_l2 >= 0, f"embedding_l2 must be non-negative (got {embedding_l2})")
+    _require(
+        warmup_steps is None or warmup_steps >= 0,
+        f"warmup_steps must be non-negative (got {warmup_steps})",
+    )
+
+    scale = batch_size / base_batch_size
+    lr_factor = {"none": 1.0, "linear": scale, "sqrt": math.sqrt(scale)}
+    if rule == "cowclip":
+        return ResolvedHyperparameters(
+            embedding_lr=embedding_lr,
+            embedding_l2=embedding_l2 * scale,
+            dense_lr=dense_lr * math.sqrt(scale),
+            dense_warmup_steps=steps_per_epoch if warmup_steps is None else warmup_steps,
+            cowclip=True,
+            scale=scale,
+            rule=rule,
+        )
+    return ResolvedHyperparameters(
+        embedding_lr=embedding_lr * lr_factor[rule],
+        embedding_l2=embedding_l2,
+        dense_lr=dense_lr * lr_factor[rule],
+        dense_warmup_steps=warmup_steps or 0,
+        cowclip=False,
+        scale=scale,
+        rule=rule,
+    )
