@@ -28,7 +28,11 @@ $(STAMP):
 	@touch $@
 
 demo: setup
-	$(BIN)/ctrscale demo --out $(DEMO_DIR)
+	@test -f $(DEMO_DIR)/data/metadata.json \
+	  || $(BIN)/ctrscale synth --rows 2000000 --out $(DEMO_DIR)/data --seed 0
+	rm -rf $(DEMO_DIR)/train
+	$(BIN)/ctrscale train --config pipelines/demo.toml --set "data.train=['$(DEMO_DIR)/data']" \
+	  --out $(DEMO_DIR)/train
 
 lint: setup
 	$(BIN)/ruff check ctrscale tests pipelines

@@ -112,13 +112,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_lazy("ctrscale.data.synth:run_cli"))
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a CTR model on Parquet data (one process, or under torchrun)",
-        description="Train with the given config; `torchrun --nproc_per_node N -m ctrscale train` "
-        "runs N processes (gloo on CPU, nccl on GPUs).",
-    )
+def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML preset (see pipelines/); defaults apply without it")
     p.add_argument(
         "--set",
@@ -128,6 +122,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set data.batch_size=8192 (repeatable)",
     )
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a CTR model on Parquet data (one process, or under torchrun)",
+        description="Train with the given config; `torchrun --nproc_per_node N -m ctrscale train` "
+        "runs N processes (gloo on CPU, nccl on GPUs).",
+    )
+    _add_config_arguments(p)
     p.add_argument("--out", default="runs/train", help="output directory (default runs/train)")
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --out"
@@ -148,6 +152,28 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     loader.add_argument("--out", default=None, help="also write the results as JSON here")
     loader.set_defaults(run=_lazy("ctrscale.bench.loader:run_cli"))
+
+    step = kinds.add_parser(
+        "step",
+        help="training-step rows/s and peak memory per batch size vs the compute-bound limit",
+    )
+    _add_config_arguments(step)
+    step.add_argument("--batch-sizes", type=int, nargs="+", default=[1_024, 8_192, 32_768, 131_072])
+    step.add_argument(
+        "--with-loader",
+        action="store_true",
+        help="also feed the same steps from the Parquet loader and report the ratio",
+    )
+    step.add_argument("--data", default=None, help="dataset (default: a synthetic one)")
+    step.add_argument(
+        "--rows", type=int, default=1_000_000, help="rows to generate when --data is not given"
+    )
+    step.add_argument(
+        "--min-seconds", type=float, default=10.0, help="time each measurement at least this long"
+    )
+    step.add_argument("--out", default=None, help="also write the results as JSON here")
+    step.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    step.set_defaults(run=_lazy("ctrscale.bench.step:run_cli"))
 
 
 def build_parser() -> argparse.ArgumentParser:

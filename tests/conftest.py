@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CRITEO_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "criteo_sample_100.tsv"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from support import CRITEO_SAMPLE, free_port
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,7 @@ import subprocess
 import sys
 
 import tomllib
-
-from conftest import REPO_ROOT
+from support import REPO_ROOT
 
 STACK = {"torch": "2.13.0", "fbgemm": "1.8.0", "torchrec": "1.8.0"}
 

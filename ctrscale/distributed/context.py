@@ -18,6 +18,12 @@ import torch.distributed as dist
 from ctrscale.config import DistributedConfig
 from ctrscale.errors import CtrscaleError
 
+# What torchrun sets for its children; a process started from one (a benchmark's or a test's
+# child) must not inherit them, or it would join its parent's process group.
+LAUNCHER_VARIABLES = frozenset(
+    {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+)
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -63,6 +69,10 @@ def init_distributed(config: DistributedConfig, timeout_s: float = 1800.0) -> Di
     device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # Processes sharing a host split its cores; more threads than cores makes OpenMP's
+        # barriers spin against each other (on a busy 2-core host a 2-thread cat ran 18× slower).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
     if dist.is_initialized():
         if dist.get_backend() != backend:
             raise CtrscaleError(

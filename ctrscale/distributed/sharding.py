@@ -10,18 +10,21 @@ small table and silently route it to a different optimizer path.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from ctrscale.config import EmbeddingOptimConfig
@@ -142,3 +145,50 @@ def data_parallel_table_names(dmp: DistributedModelParallel) -> list[str]:
         for name, option in module_plan.items()
         if option.sharding_type == ShardingType.DATA_PARALLEL.value
     ]
+
+
+# Rows initialised per seeded block: bounds the temporary memory of initialising a big table.
+INIT_BLOCK_ROWS = 65_536
+
+
+def _block_seed(seed: int, table: str, block: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{table}/{block}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@torch.no_grad()
+def initialize_tables(
+    dmp: DistributedModelParallel, tables: list[EmbeddingBagConfig], prefix: str, seed: int
+) -> None:
+    """Give every table the same initial values whatever its sharding and the world size.
+
+    TorchRec initialises each shard from the global RNG in plan order, so the same seed gives
+    different tables under table-wise, column-wise or data-parallel plans and different world
+    sizes. Here row block b of table t is drawn from its own generator, seeded by (seed, t, b),
+    with the table's own `init_fn`, and each rank copies the rows and columns of its shards.
+    """
+    state = dmp.state_dict()
+    for table in tables:
+        weight = state[f"{prefix}.embedding_bags.{table.name}.weight"]
+        if isinstance(weight, ShardedTensor):
+            shards = [(s.metadata.shard_offsets, s.tensor) for s in weight.local_shards()]
+        else:  # data-parallel: a full replica on every rank
+            shards = [([0, 0], weight)]
+        for (row0, col0), local in shards:
+            _fill_shard(table, seed, row0, col0, local)
+
+
+def _fill_shard(
+    table: EmbeddingBagConfig, seed: int, row0: int, col0: int, local: torch.Tensor
+) -> None:
+    rows, cols = local.shape
+    first_block, last_block = row0 // INIT_BLOCK_ROWS, (row0 + rows - 1) // INIT_BLOCK_ROWS
+    for block in range(first_block, last_block + 1):
+        start = block * INIT_BLOCK_ROWS
+        stop = min(start + INIT_BLOCK_ROWS, table.num_embeddings)
+        values = torch.empty(stop - start, table.embedding_dim)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_block_seed(seed, table.name, block))
+            table.init_fn(values)
+        lo, hi = max(row0, start), min(row0 + rows, stop)
+        local[lo - row0 : hi - row0].copy_(values[lo - start : hi - start, col0 : col0 + cols])

@@ -61,8 +61,6 @@ def dense_optimizer(
 @dataclass
 class RunOptimizers:
     combined: CombinedOptimizer
-    # Parameters whose gradients DDP averaged over ranks (dense layers and replicated tables).
-    all_reduced_params: list[nn.Parameter]
 
     def step(self) -> None:
         self.combined.step()
@@ -110,7 +108,4 @@ def build_optimizers(
             ),
         )
     )
-    return RunOptimizers(
-        combined=CombinedOptimizer(parts),
-        all_reduced_params=[*replicated.values(), *dense_params.values()],
-    )
+    return RunOptimizers(combined=CombinedOptimizer(parts))

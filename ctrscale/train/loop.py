@@ -3,7 +3,7 @@
 One code path for every launch: a single process, torchrun with N gloo CPU processes, or N
 nccl GPUs. Each step every rank holds its slice of the same global batch; the loss of a rank
 is its share of the *global* mean loss, so gradients equal the single-process ones on the same
-global batch (see `backward_global_mean`).
+global batch (see `train_step`).
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from ctrscale.config import Config, load_config, save_config
 from ctrscale.data.loader import ParquetBatchLoader
 from ctrscale.data.schema import TRUE_PROBABILITY, write_json_atomic
 from ctrscale.distributed.context import DistContext, init_distributed
-from ctrscale.distributed.sharding import shard_model
+from ctrscale.distributed.sharding import initialize_tables, shard_model
 from ctrscale.errors import CtrscaleError
 from ctrscale.models import build_model
 from ctrscale.optim.builder import RunOptimizers, build_optimizers, module_path
@@ -73,26 +75,45 @@ def make_loaders(config: Config, ctx: DistContext) -> tuple[ParquetBatchLoader, 
     return train, evaluation
 
 
-def backward_global_mean(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    global_rows: int,
+def build_sharded_model(
+    config: Config, ctx: DistContext, table_sizes: dict[str, int]
+) -> tuple[DistributedModelParallel, RunOptimizers]:
+    model = build_model(config.model, table_sizes, dense_device=ctx.device)
+    embedding_prefix = module_path(model, model.embedding_bag_collection)
+    tables = model.embedding_bag_collection.embedding_bag_configs()
+    dmp = shard_model(
+        model,
+        model.embedding_bag_collection,
+        ctx,
+        sharding_type=config.distributed.sharding_type,
+        embedding_optim=config.optim.embedding,
+        local_batch_size=config.data.batch_size // ctx.world_size,
+    )
+    initialize_tables(dmp, tables, embedding_prefix, config.train.seed)
+    return dmp, build_optimizers(dmp, embedding_prefix, config.optim)
+
+
+def train_step(
+    dmp: DistributedModelParallel,
+    batch: Batch,
     optimizers: RunOptimizers,
+    global_rows: int,
     world_size: int,
 ) -> torch.Tensor:
-    """Backward of this rank's share of the global-batch mean loss; returns the local loss sum.
+    """One optimizer step on this rank's share of the global-batch mean loss; returns the
+    local loss sum.
 
-    Sharded tables sum the gradients of all ranks' samples (all-to-all), so dividing the local
-    sum by the *global* row count makes them exact. DDP then averages dense gradients over
-    ranks, which divides by the world size once more: multiplying back restores the global
-    mean gradient (also when the last batch leaves ranks with unequal rows).
+    DDP averages dense gradients over ranks, and TorchRec divides the embedding gradients it
+    sends back through the all-to-all by the world size too (its `gradient_division`), so each
+    rank back-propagates N × (its loss sum) / (global rows): the averaged gradients then equal
+    the single-process gradient of the global batch's mean loss, also when the last batch
+    leaves ranks with unequal rows.
     """
-    loss_sum = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
-    (loss_sum / global_rows).backward()
-    if world_size > 1:
-        grads = [p.grad for p in optimizers.all_reduced_params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, float(world_size))
+    optimizers.zero_grad()
+    logits = dmp(batch.dense_features, batch.sparse_features)
+    loss_sum = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="sum")
+    (loss_sum * (world_size / global_rows)).backward()
+    optimizers.step()
     return loss_sum.detach()
 
 
@@ -109,17 +130,7 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False) -> dict[
     torch.manual_seed(config.train.seed)
     train_loader, eval_loader = make_loaders(config, ctx)
 
-    model = build_model(config.model, train_loader.table_sizes, dense_device=ctx.device)
-    embedding_prefix = module_path(model, model.embedding_bag_collection)
-    dmp = shard_model(
-        model,
-        model.embedding_bag_collection,
-        ctx,
-        sharding_type=config.distributed.sharding_type,
-        embedding_optim=config.optim.embedding,
-        local_batch_size=config.data.batch_size // ctx.world_size,
-    )
-    optimizers = build_optimizers(dmp, embedding_prefix, config.optim)
+    dmp, optimizers = build_sharded_model(config, ctx, train_loader.table_sizes)
 
     steps_per_epoch = train_loader.num_batches()
     if steps_per_epoch == 0:
@@ -132,6 +143,11 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False) -> dict[
         total_steps = min(total_steps, config.train.max_steps)
 
     ckpt_dir = out_dir / "checkpoints"
+    if not resume and (ckpt_dir / checkpoint.LATEST).exists():
+        raise CtrscaleError(
+            f"{out_dir} already holds a run's checkpoints: pass --resume to continue it, or "
+            "choose another --out"
+        )
     progress = Progress()
     if resume and (latest := checkpoint.latest_checkpoint(ckpt_dir)) is not None:
         progress = _restore(latest, dmp, optimizers, train_loader)
@@ -168,12 +184,7 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False) -> dict[
                 if config.data.drop_last
                 else int(global_sum([local_rows], ctx.device)[0])
             )
-            optimizers.zero_grad()
-            logits = dmp(batch.dense_features, batch.sparse_features)
-            loss_sum = backward_global_mean(
-                logits, batch.labels, global_rows, optimizers, ctx.world_size
-            )
-            optimizers.step()
+            loss_sum = train_step(dmp, batch, optimizers, global_rows, ctx.world_size)
 
             progress.step += 1
             progress.rows_seen += global_rows

@@ -1,0 +1,156 @@
+"""`ctrscale bench step`: training-step throughput and peak memory of a model, per batch size,
+as a fraction of this machine's compute-bound limit measured in the same run.
+
+The limit is the rows/s the model's dense layers would reach if every step ran at the matmul
+FLOP/s that `torch.mm` attains here (6 FLOPs per multiply-accumulate per row: 2 forward,
+4 backward). Embedding lookups are memory-bound and not counted, so the fraction is an upper
+estimate of how well the step uses the cores. Each batch size runs in a fresh process so that
+its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import cycle, islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ctrscale.config import Config, load_config
+
+DEFAULT_BATCH_SIZES = (1_024, 8_192, 32_768, 131_072)
+
+
+def matmul_flops_per_s(rows: int, width: int = 400, repeats: int = 5) -> float:
+    """Best-of FLOP/s of an [rows, width] × [width, width] float32 matmul (a DNN layer)."""
+    a, b = torch.randn(rows, width), torch.randn(width, width)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * rows * width * width / best
+
+
+def train_flops_per_row(model: nn.Module) -> float:
+    macs = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    return 6.0 * macs
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def measure_one(config: Config, with_loader: bool, min_seconds: float) -> dict[str, Any]:
+    """Steps of `config`'s model at `config.data.batch_size` in this process."""
+    from ctrscale.distributed.context import init_distributed
+    from ctrscale.train.loop import build_sharded_model, make_loaders, train_step
+
+    ctx = init_distributed(config.distributed)
+    train_loader, _ = make_loaders(config, ctx)
+    dmp, optimizers = build_sharded_model(config, ctx, train_loader.table_sizes)
+    batch_size = config.data.batch_size
+    in_memory = [b.to(ctx.device) for b in islice(train_loader, 4)]
+    source = cycle(train_loader) if with_loader else cycle(in_memory)
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for batch in islice(source, steps):
+            train_step(dmp, batch.to(ctx.device), optimizers, batch_size, ctx.world_size)
+        return time.perf_counter() - start
+
+    run(3)  # warm-up: allocator, FBGEMM state, thread pools
+    steps, seconds = 2, run(2)
+    while seconds < min_seconds:
+        more = max(2, int(steps * (min_seconds - seconds) / max(seconds, 1e-3)))
+        seconds += run(more)
+        steps += more
+    rows_per_s = steps * batch_size / seconds
+    limit = matmul_flops_per_s(batch_size) / train_flops_per_row(dmp.module)
+    return {
+        "batch_size": batch_size,
+        "source": "loader" if with_loader else "memory",
+        "steps": steps,
+        "seconds": seconds,
+        "rows_per_s": rows_per_s,
+        "compute_bound_rows_per_s": limit,
+        "fraction_of_limit": rows_per_s / limit,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def _synthetic_dataset(directory: Path, rows: int) -> Path:
+    from ctrscale.data.synth import generate
+
+    generate(directory, rows_per_day=rows, days=1, seed=0)
+    return directory
+
+
+def run_cli(args) -> int:
+    if args.one is not None:  # child process: one batch size
+        config = load_config(args.config, [*args.overrides, f"data.batch_size={args.one}"])
+        print(json.dumps(measure_one(config, args.with_loader, args.min_seconds)))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="ctrscale-bench-") as tmp:
+        data = args.data or str(_synthetic_dataset(Path(tmp) / "data", args.rows))
+        base = [f"data.train=['{data}']", "data.holdout_fraction=0.0"]
+        results = []
+        for batch_size in args.batch_sizes:
+            for with_loader in (False, True) if args.with_loader else (False,):
+                results.append(_run_child(args, base, batch_size, with_loader))
+                _print_row(results[-1])
+    summary = _summary(results)
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"runs": results, **summary}, indent=2) + "\n")
+    return 0
+
+
+def _run_child(args, base: list[str], batch_size: int, with_loader: bool) -> dict[str, Any]:
+    command = [sys.executable, "-m", "ctrscale", "bench", "step", "--one", str(batch_size)]
+    command += ["--min-seconds", str(args.min_seconds)]
+    command += ["--config", args.config] if args.config else []
+    for override in [*base, *args.overrides]:
+        command += ["--set", override]
+    command += ["--with-loader"] if with_loader else []
+    from ctrscale.distributed.context import LAUNCHER_VARIABLES
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench step at batch {batch_size} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _print_row(r: dict[str, Any]) -> None:
+    print(
+        f"batch {r['batch_size']:>7} {r['source']:>6}: {r['rows_per_s']:>12,.0f} rows/s  "
+        f"{r['fraction_of_limit']:6.1%} of compute-bound {r['compute_bound_rows_per_s']:,.0f}  "
+        f"peak RSS {r['peak_rss_mib']:,.0f} MiB",
+        flush=True,
+    )
+
+
+def _summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    memory = {r["batch_size"]: r for r in results if r["source"] == "memory"}
+    loader = {r["batch_size"]: r for r in results if r["source"] == "loader"}
+    smallest, largest = min(memory), max(memory)
+    summary: dict[str, Any] = {
+        "fraction_of_limit_at_largest": memory[largest]["fraction_of_limit"],
+        "smallest_over_largest_rows_per_s": memory[smallest]["rows_per_s"]
+        / memory[largest]["rows_per_s"],
+    }
+    if loader:
+        summary["loader_over_memory_rows_per_s"] = {
+            b: loader[b]["rows_per_s"] / memory[b]["rows_per_s"] for b in loader
+        }
+    return summary

@@ -1,0 +1,54 @@
+"""Running `ctrscale train` in fresh processes (single, or under torchrun) for the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from support import free_port
+
+from ctrscale.distributed.context import LAUNCHER_VARIABLES
+
+
+def tiny_overrides(dataset: Path, **extra: object) -> list[str]:
+    settings = {
+        "data.train": [str(dataset)],
+        "data.batch_size": 2048,
+        "data.eval_batch_size": 4096,
+        "data.shuffle_buffer_rows": 8192,
+        "optim.embedding.name": "adagrad",
+        "optim.embedding.lr": 0.05,
+        "optim.dense.lr": 0.003,
+        "model.dnn": [32, 16],
+        "train.log_every_steps": 2,
+        **extra,
+    }
+    return [f"{key}={json.dumps(value)}" for key, value in settings.items()]
+
+
+def run_ctrscale(
+    args: list[str], *, nproc: int = 1, check: bool = True, **popen
+) -> subprocess.CompletedProcess:
+    """`ctrscale …` in a new process; with nproc > 1 under torchrun (gloo on CPU)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    if nproc == 1:
+        command = [sys.executable, "-m", "ctrscale", *args]
+    else:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), "-m", "ctrscale", *args,
+        ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, **popen)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed:\n{done.stderr[-6000:]}")
+    return done
+
+
+def train_args(out: Path, overrides: list[str]) -> list[str]:
+    args = ["train", "--out", str(out)]
+    for override in overrides:
+        args += ["--set", override]
+    return args

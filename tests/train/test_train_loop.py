@@ -1,0 +1,178 @@
+"""`ctrscale train` end to end on CPU: outputs, determinism, sharding choices, equivalence of
+world sizes, and crash-safe resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from train.runner import run_ctrscale, tiny_overrides, train_args
+
+from ctrscale.config import load_config
+from ctrscale.distributed.context import LAUNCHER_VARIABLES
+
+
+def metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def final_parameters(out: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    flat = tmp_path / f"{out.name}.pt"
+    dcp_to_torch_save(latest, flat)
+    return torch.load(flat, weights_only=False)["model"]
+
+
+def test_train_writes_metrics_config_and_logs(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tiny_dataset, **{"train.eval_every_steps": 4})
+    done = run_ctrscale(train_args(out, overrides))
+
+    result = metrics(out)
+    assert {"auc", "logloss", "steps", "rows_per_s", "bayes_auc", "bayes_auc_gap"} <= set(result)
+    assert 0.5 < result["auc"] <= result["bayes_auc"] < 1.0
+    assert result["bayes_auc_gap"] == pytest.approx(result["bayes_auc"] - result["auc"])
+    assert result["rows_per_s"] > 0
+    # 24,000 rows, 10% held out, batches of 2,048, last partial batch dropped: 10 steps.
+    assert result["steps"] == 10
+    assert json.loads(done.stdout.strip().splitlines()[-1])["auc"] == result["auc"]
+
+    saved = load_config(out / "config.toml")
+    assert saved == load_config(None, overrides)
+
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [line for line in lines if line["kind"] == "train"]
+    eval_lines = [line for line in lines if line["kind"] == "eval"]
+    assert [line["step"] for line in train_lines] == [2, 4, 6, 8, 10]
+    assert {"loss", "rows_per_s", "lr", "epoch"} <= set(train_lines[0])
+    assert set(train_lines[0]["lr"]) == {"embedding", "dense"}
+    assert [line["step"] for line in eval_lines] == [4, 8, 10]
+    assert eval_lines[-1]["auc"] == result["auc"]
+
+
+def test_same_seed_gives_identical_metrics(tiny_dataset, tmp_path):
+    overrides = tiny_overrides(tiny_dataset, **{"train.max_steps": 4})
+    run_ctrscale(train_args(tmp_path / "a", overrides))
+    run_ctrscale(train_args(tmp_path / "b", overrides))
+    first, second = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    for key in ("auc", "logloss", "steps"):
+        assert first[key] == second[key]
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(tiny_dataset, tmp_path):
+    overrides = tiny_overrides(tiny_dataset, **{"train.max_steps": 1})
+    run_ctrscale(train_args(tmp_path / "run", overrides))
+    again = run_ctrscale(train_args(tmp_path / "run", overrides), check=False)
+    assert again.returncode != 0
+    assert "pass --resume" in again.stderr
+
+
+def test_row_wise_on_cpu_fails_early_and_says_what_is_possible(tiny_dataset, tmp_path):
+    overrides = tiny_overrides(tiny_dataset, **{"distributed.sharding_type": "row_wise"})
+    done = run_ctrscale(train_args(tmp_path / "run", overrides), check=False)
+    assert done.returncode != 0
+    assert "row_wise is not available on cpu" in done.stderr
+    assert "table_wise, column_wise, table_column_wise, data_parallel" in done.stderr
+
+
+def test_data_parallel_tables_follow_the_embedding_optimizer(tiny_dataset, tmp_path):
+    """Replicated tables get ordinary .grads; they must still be updated with the embedding
+    optimizer's settings, giving what the fused table-wise kernel gives."""
+    common = {"train.max_steps": 3}
+    fused_out, replicated_out = tmp_path / "fused", tmp_path / "replicated"
+    run_ctrscale(train_args(fused_out, tiny_overrides(tiny_dataset, **common)))
+    replicated = {**common, "distributed.sharding_type": "data_parallel"}
+    run_ctrscale(train_args(replicated_out, tiny_overrides(tiny_dataset, **replicated)))
+    fused = final_parameters(fused_out, tmp_path)
+    plain = final_parameters(replicated_out, tmp_path)
+    table = "sparse_arch.embedding_bag_collection.embedding_bags.C3.weight"
+    initial_std = 1e-2
+    assert fused[table].std() > initial_std * 0.5  # trained, not left at init
+    # Adagrad's first steps are ±lr (0.05) per element; the paths may differ by rounding only.
+    for name in fused:
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
+def test_two_processes_match_one_process(tiny_dataset, tmp_path, sharding):
+    # Plain SGD everywhere: its update is linear in the gradient, so any difference between
+    # the world sizes' gradients shows up unamplified (Adam/Adagrad turn rounding noise in a
+    # near-zero gradient into a full ±lr step).
+    overrides = tiny_overrides(
+        tiny_dataset,
+        **{
+            "train.max_steps": 6,
+            "distributed.sharding_type": sharding,
+            "optim.embedding.name": "sgd",
+            "optim.embedding.lr": 0.5,
+            "optim.dense.name": "sgd",
+            "optim.dense.lr": 0.05,
+        },
+    )
+    run_ctrscale(train_args(tmp_path / "one", overrides))
+    run_ctrscale(train_args(tmp_path / "two", overrides), nproc=2)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert two["world_size"] == 2
+    assert two["steps"] == one["steps"] == 6
+    assert two["auc"] == pytest.approx(one["auc"], rel=1e-5)
+    assert two["logloss"] == pytest.approx(one["logloss"], rel=1e-5)
+    single = final_parameters(tmp_path / "one", tmp_path)
+    double = final_parameters(tmp_path / "two", tmp_path)
+    assert single.keys() == double.keys()
+    for name in single:
+        torch.testing.assert_close(double[name], single[name], rtol=1e-5, atol=1e-7)
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, "training ended before the first checkpoint"
+        assert time.monotonic() < deadline, f"no {path} after {timeout}s"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run(tiny_dataset, tmp_path):
+    overrides = tiny_overrides(
+        tiny_dataset,
+        **{"train.epochs": 2, "train.checkpoint_every_steps": 3, "train.eval_every_steps": 7},
+    )
+    run_ctrscale(train_args(tmp_path / "straight", overrides))
+
+    crashed = tmp_path / "crashed"
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ctrscale", *train_args(crashed, overrides)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    _wait_for(crashed / "checkpoints" / "step-00000006" / "state.json", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (crashed / "metrics.json").exists()
+
+    run_ctrscale([*train_args(crashed, overrides), "--resume"])
+    straight, resumed = metrics(tmp_path / "straight"), metrics(crashed)
+    for key in ("auc", "logloss", "steps", "bayes_auc"):
+        assert resumed[key] == straight[key], key
+
+
+@pytest.mark.slow
+def test_resume_with_a_different_world_size(tiny_dataset, tmp_path):
+    """Two processes checkpoint; one process resumes (DCP re-shards the tables)."""
+    overrides = tiny_overrides(tiny_dataset, **{"train.max_steps": 4})
+    run_ctrscale(train_args(tmp_path / "run", overrides), nproc=2)
+    more = [*overrides, "train.max_steps=8"]
+    run_ctrscale([*train_args(tmp_path / "run", more), "--resume"])
+    assert metrics(tmp_path / "run")["steps"] == 8
+    assert metrics(tmp_path / "run")["world_size"] == 1
