@@ -139,6 +139,20 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_lazy("ctrscale.train.loop:run_cli"))
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="exact AUC/LogLoss of a saved model on the config's eval split",
+    )
+    _add_config_arguments(p)
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a step-N checkpoint, or a run / checkpoints directory (its latest checkpoint)",
+    )
+    p.set_defaults(run=_lazy("ctrscale.train.loop:run_evaluate_cli"))
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks (throughput, AUC versus batch size)")
     kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -186,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_synth(sub)
     _add_train(sub)
+    _add_evaluate(sub)
     _add_bench(sub)
     return parser
 

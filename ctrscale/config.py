@@ -117,6 +117,11 @@ class TrainConfig(Section):
     log_every_steps: PositiveInt = 10
     seed: int = 0
     tensorboard: bool = False
+    # A checkpoint (a `step-N` directory, or a run/checkpoints directory with `latest`) whose
+    # model — and optimizer state, unless disabled — start this run; step and data position
+    # start fresh. The daily refresh warm-starts from the published model this way.
+    warm_start: str | None = None
+    warm_start_optimizer: bool = True
 
 
 class DistributedConfig(Section):

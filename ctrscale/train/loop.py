@@ -151,9 +151,12 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False) -> dict[
     progress = Progress()
     if resume and (latest := checkpoint.latest_checkpoint(ckpt_dir)) is not None:
         progress = _restore(latest, dmp, optimizers, train_loader)
-    elif ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, out_dir / "config.toml")
+    else:
+        if config.train.warm_start:
+            warm_start(dmp, optimizers, config.train.warm_start, config.train.warm_start_optimizer)
+        if ctx.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, out_dir / "config.toml")
 
     log = MetricsLog(
         out_dir,
@@ -281,14 +284,54 @@ def _save(ckpt_dir, dmp, optimizers, train_loader, progress: Progress) -> None:
     checkpoint.save_checkpoint(ckpt_dir, progress.step, _checkpoint_tensors(dmp, optimizers), state)
 
 
-def _restore(path, dmp, optimizers: RunOptimizers, train_loader) -> Progress:
-    optimizers.combined.init_state()  # materialise lazily created optimizer state to load into
-    tensors = _checkpoint_tensors(dmp, optimizers)
+def _load_states(path, dmp, optimizers: RunOptimizers, with_optimizer: bool) -> dict[str, Any]:
+    tensors: dict[str, Any] = {"model": dmp.state_dict()}
+    if with_optimizer:
+        optimizers.combined.init_state()  # materialise lazily created state to load into
+        tensors["optim"] = optimizers.combined.state_dict()
     state = checkpoint.load_checkpoint(path, tensors)
     dmp.load_state_dict(tensors["model"])
-    optimizers.combined.load_state_dict(tensors["optim"])
+    if with_optimizer:
+        optimizers.combined.load_state_dict(tensors["optim"])
+    return state
+
+
+def _restore(path, dmp, optimizers: RunOptimizers, train_loader) -> Progress:
+    state = _load_states(path, dmp, optimizers, with_optimizer=True)
     train_loader.load_state_dict(state["loader"])
     return Progress(step=state["step"], epoch=state["epoch"], rows_seen=state["rows_seen"])
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A `step-N` checkpoint, or the newest one of a checkpoints directory or run directory."""
+    path = Path(path)
+    if (path / checkpoint.STATE_FILE).exists():
+        return path
+    for directory in (path, path / "checkpoints"):
+        if (directory / checkpoint.LATEST).exists():
+            return checkpoint.latest_checkpoint(directory)
+    raise CtrscaleError(f"{path}: not a checkpoint, nor a directory with a `latest` checkpoint")
+
+
+def warm_start(dmp, optimizers: RunOptimizers, source: str | Path, with_optimizer: bool) -> None:
+    _load_states(resolve_checkpoint(source), dmp, optimizers, with_optimizer)
+
+
+def evaluate_checkpoint(config: Config, source: str | Path) -> EvalResult:
+    """Exact eval metrics of a saved model on `config`'s eval split (any world size)."""
+    ctx = init_distributed(config.distributed)
+    _, eval_loader = make_loaders(config, ctx)
+    dmp, optimizers = build_sharded_model(config, ctx, eval_loader.table_sizes)
+    warm_start(dmp, optimizers, source, with_optimizer=False)
+    return evaluate(dmp, eval_loader, ctx.device)
+
+
+def run_evaluate_cli(args) -> int:
+    config = load_config(args.config, args.overrides)
+    result = evaluate_checkpoint(config, args.checkpoint)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps(result.as_dict()))
+    return 0
 
 
 def run_cli(args) -> int:

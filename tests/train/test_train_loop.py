@@ -176,3 +176,29 @@ def test_resume_with_a_different_world_size(tiny_dataset, tmp_path):
     run_ctrscale([*train_args(tmp_path / "run", more), "--resume"])
     assert metrics(tmp_path / "run")["steps"] == 8
     assert metrics(tmp_path / "run")["world_size"] == 1
+
+
+def test_evaluate_and_warm_start_reuse_a_saved_model(tiny_dataset, tmp_path):
+    trained = tmp_path / "trained"
+    overrides = tiny_overrides(tiny_dataset, **{"train.max_steps": 5})
+    run_ctrscale(train_args(trained, overrides))
+    expected = metrics(trained)
+
+    evaluated = run_ctrscale(
+        ["evaluate", "--checkpoint", str(trained), *(f"--set={o}" for o in overrides)]
+    )
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["auc"] == expected["auc"]
+
+    # Warm-started with learning rates too small to move anything, a new run must score
+    # what the saved model scores: it starts from those weights, not from a fresh init.
+    frozen = {
+        "train.max_steps": 1,
+        "train.warm_start": str(trained),
+        "train.warm_start_optimizer": False,
+        "optim.embedding.name": "sgd",
+        "optim.embedding.lr": 1e-12,
+        "optim.dense.name": "sgd",
+        "optim.dense.lr": 1e-12,
+    }
+    run_ctrscale(train_args(tmp_path / "warm", tiny_overrides(tiny_dataset, **frozen)))
+    assert metrics(tmp_path / "warm")["auc"] == pytest.approx(expected["auc"], abs=1e-6)
