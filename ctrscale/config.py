@@ -88,8 +88,10 @@ class EmbeddingOptimConfig(Section):
     lr: Annotated[float, Field(gt=0.0)] = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)  # Adam paper defaults
     eps: Annotated[float, Field(gt=0.0)] = 1e-8  # Adam paper default
-    # Coefficient λ of the L2 penalty λ‖w‖² on looked-up rows (gradient 2λw, Keras' l2(λ)).
-    l2: NonNegativeFloat = 0.0
+    # λ of the L2 penalty λ‖w‖² (Keras' l2(λ): gradient 2λw), added once per step to each row
+    # the global batch looks up, before CowClip (as in the official code, where it is part of
+    # the clipped gradient). LargeBatchCTR: 1e-5 at batch 1024; the cowclip rule scales it by s.
+    l2: NonNegativeFloat = 1e-5
 
 
 class DenseOptimConfig(Section):
@@ -102,11 +104,49 @@ class DenseOptimConfig(Section):
     eps: Annotated[float, Field(gt=0.0)] = 1e-8
     momentum: NonNegativeFloat = 0.9  # SGD/LARS (LARS paper uses 0.9)
     weight_decay: NonNegativeFloat = 0.0
+    # LARS trust coefficient η (You, Gitman & Ginsburg 2017 use 0.001).
+    trust_coefficient: Annotated[float, Field(gt=0.0)] = 1e-3
+    # Upper bound on the LAMB/LARS trust ratio (LAMBC); unset = unclipped, as in the papers.
+    trust_clip: Annotated[float, Field(gt=0.0)] | None = None
+
+
+class CowClipConfig(Section):
+    """Per-id embedding-gradient clipping (CowClip paper, Algorithm 1)."""
+
+    # off: no clipping, unless the `cowclip` scaling rule turns `paper` on;
+    # paper: the paper's method, exact on the global batch (ctrscale's hook on the gradient);
+    # fbgemm_rowwise: FBGEMM's fused variant (row-wise Adagrad + WeightDecayMode.COWCLIP with a
+    #   running row counter; clips the step, not the Adagrad state) — not the paper's method.
+    mode: Literal["off", "paper", "fbgemm_rowwise"] = "off"
+    # LargeBatchCTR README `--clip 1`.
+    r: Annotated[float, Field(gt=0.0)] = 1.0
+    # The paper's ζ. Unset: the official code's convention ζ = r²·√d·bound, so its published
+    # `--bound 1e-5` transfers exactly.
+    zeta: NonNegativeFloat | None = None
+    bound: NonNegativeFloat = 1e-5
+
+
+class ScheduleConfig(Section):
+    """Batch-size scaling of the base-batch hyperparameters, and the dense LR schedule."""
+
+    # CowClip paper: hyperparameters tuned at batch 1024 and scaled by its rule up to 128K.
+    rule: Literal["none", "linear", "sqrt", "cowclip"] = "cowclip"
+    base_batch_size: PositiveInt = 1024
+    # Dense-LR warm-up; unset = the rule's own (one epoch for cowclip, none otherwise).
+    warmup_steps: Annotated[int, Field(ge=0)] | None = None
+    decay: Literal["constant", "cosine", "step"] = "constant"  # LargeBatchCTR: no decay
+    step_milestones: list[PositiveInt] = Field(default_factory=list)
+    step_gamma: Annotated[float, Field(gt=0.0)] = 0.1
+    min_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
 
 
 class OptimConfig(Section):
+    """Base-batch hyperparameters; `schedule.rule` scales them to `data.batch_size`."""
+
     embedding: EmbeddingOptimConfig = Field(default_factory=EmbeddingOptimConfig)
     dense: DenseOptimConfig = Field(default_factory=DenseOptimConfig)
+    cowclip: CowClipConfig = Field(default_factory=CowClipConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
 
 class TrainConfig(Section):
@@ -132,12 +172,64 @@ class DistributedConfig(Section):
     ] = "auto"
 
 
+class RefreshConfig(Section):
+    """The daily refresh job (`ctrscale refresh`); see ctrscale/jobs/.
+
+    A date D maps to the Parquet partition `dataset/day=YYYYMMDD` (the integer YYYYMMDD is the
+    day number `ctrscale prepare` gets), and to its raw file through `raw_pattern`. The job sets
+    `data.train`, `data.eval` and `train.warm_start` itself; every other section applies as in
+    `ctrscale train`.
+    """
+
+    # Registry root: models/<date>/, the `latest` pointer, rejected/, work/ and the lock.
+    registry: str = "models"
+    # The Parquet dataset every day is prepared into (its metadata.json keeps the encoding,
+    # so ids stay stable across days).
+    dataset: str = "data/parquet"
+    # Raw TSV (plain or .gz) of a day; {date} = YYYY-MM-DD, {yyyymmdd} = YYYYMMDD.
+    raw_pattern: str = "data/raw/day_{yyyymmdd}.tsv.gz"
+    # Encoding of a new dataset (the first day); later days must agree with metadata.json,
+    # and a contradiction stops the job instead of silently shifting ids.
+    ids: Literal["hash", "vocab"] = "hash"
+    dense_transform: Literal["log1p", "minmax"] = "log1p"
+    table_size: Annotated[int, Field(ge=2)] | None = None  # hash: None = Criteo's cardinalities
+    min_count: PositiveInt | None = None  # vocab: None = prepare's default (4)
+    # prepare's default: a day with more bad rows than this is refused.
+    max_reject_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.001
+    # Train on the new day and the K-1 days before it (those without partition or raw file
+    # are skipped); 1 = the new day only.
+    window_days: PositiveInt = 1
+    # Gate slice: `fraction` = the data.holdout_fraction hash holdout of the new day (never
+    # trained on); `next_day` = the whole following day (replaying history).
+    holdout: Literal["fraction", "next_day"] = "fraction"
+    # Publish iff AUC_candidate >= AUC_published - auc_tolerance: 0.001 is the AUC difference
+    # CTR papers (DeepFM, DCN) already call significant. Negative = demand an improvement.
+    auc_tolerance: float = 0.001
+    # Floor for every candidate, also the first one (no published model to compare with).
+    min_auc: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    # Training/evaluation processes: 1 = inside the refresh process; N > 1 = launched with
+    # `torchrun --standalone --nproc_per_node N` (one per GPU).
+    nproc: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _raw_pattern_placeholders(self) -> RefreshConfig:
+        try:
+            self.raw_pattern.format(date="2024-01-31", yyyymmdd="20240131")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"refresh.raw_pattern={self.raw_pattern!r}: only {{date}} and {{yyyymmdd}} may "
+                f"be used ({exc!r})"
+            ) from None
+        return self
+
+
 class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    refresh: RefreshConfig = Field(default_factory=RefreshConfig)
 
 
 def _parse_override_value(raw: str) -> Any:

@@ -53,19 +53,26 @@ def peak_rss_mib() -> float:
 def measure_one(config: Config, with_loader: bool, min_seconds: float) -> dict[str, Any]:
     """Steps of `config`'s model at `config.data.batch_size` in this process."""
     from ctrscale.distributed.context import init_distributed
-    from ctrscale.train.loop import build_sharded_model, make_loaders, train_step
+    from ctrscale.train.loop import make_loaders
+    from ctrscale.train.step import build_trainer
 
     ctx = init_distributed(config.distributed)
     train_loader, _ = make_loaders(config, ctx)
-    dmp, optimizers = build_sharded_model(config, ctx, train_loader.table_sizes)
+    trainer = build_trainer(
+        config,
+        ctx,
+        train_loader.table_sizes,
+        steps_per_epoch=train_loader.num_batches(),
+        total_steps=train_loader.num_batches(),
+    )
     batch_size = config.data.batch_size
     in_memory = [b.to(ctx.device) for b in islice(train_loader, 4)]
     source = cycle(train_loader) if with_loader else cycle(in_memory)
 
     def run(steps: int) -> float:
         start = time.perf_counter()
-        for batch in islice(source, steps):
-            train_step(dmp, batch.to(ctx.device), optimizers, batch_size, ctx.world_size)
+        for index, batch in enumerate(islice(source, steps)):
+            trainer.step(batch.to(ctx.device), batch_size, index)
         return time.perf_counter() - start
 
     run(3)  # warm-up: allocator, FBGEMM state, thread pools
@@ -75,7 +82,7 @@ def measure_one(config: Config, with_loader: bool, min_seconds: float) -> dict[s
         seconds += run(more)
         steps += more
     rows_per_s = steps * batch_size / seconds
-    limit = matmul_flops_per_s(batch_size) / train_flops_per_row(dmp.module)
+    limit = matmul_flops_per_s(batch_size) / train_flops_per_row(trainer.dmp.module)
     return {
         "batch_size": batch_size,
         "source": "loader" if with_loader else "memory",

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.tbe.config.optimizer_config import CowClipDefinition, WeightDecayMode
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
@@ -27,7 +28,7 @@ from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from ctrscale.config import EmbeddingOptimConfig
+from ctrscale.config import OptimConfig
 from ctrscale.distributed.context import DistContext
 from ctrscale.errors import CtrscaleError
 
@@ -76,8 +77,13 @@ def check_sharding_type(requested: str, device: torch.device) -> None:
         )
 
 
-def fused_optimizer_params(config: EmbeddingOptimConfig, device: torch.device) -> dict[str, Any]:
-    """FBGEMM TBE arguments that make the embedding optimizer run inside the backward."""
+def fused_optimizer_params(optim: OptimConfig, device: torch.device) -> dict[str, Any]:
+    """FBGEMM TBE arguments that make the embedding optimizer run inside the backward.
+
+    L2 is not passed to FBGEMM: ctrscale adds it to the gradient itself (embedding_grad.py), so
+    that it is the same on every device and for every optimizer, and precedes CowClip.
+    """
+    config = optim.embedding
     available = FUSED_OPTIMIZERS[device.type]
     if config.name not in available:
         raise CtrscaleError(
@@ -89,7 +95,32 @@ def fused_optimizer_params(config: EmbeddingOptimConfig, device: torch.device) -
         params["eps"] = config.eps
     if config.name == "adam":
         params["beta1"], params["beta2"] = config.betas
+    if optim.cowclip.mode == "fbgemm_rowwise":
+        params.update(_fbgemm_cowclip(optim))
     return params
+
+
+def _fbgemm_cowclip(optim: OptimConfig) -> dict[str, Any]:
+    """FBGEMM's own CowClip variant: a running per-row counter instead of the batch count, and
+    it clips the row-wise Adagrad step, not the gradient. Not the paper's Algorithm 1."""
+    if optim.embedding.name != "rowwise_adagrad":
+        raise CtrscaleError(
+            "optim.cowclip.mode=fbgemm_rowwise needs optim.embedding.name=rowwise_adagrad "
+            f"(FBGEMM implements it only there; got {optim.embedding.name})"
+        )
+    if optim.cowclip.zeta is None:
+        raise CtrscaleError(
+            "optim.cowclip.mode=fbgemm_rowwise takes its lower bound from optim.cowclip.zeta; "
+            "set it (the official-code `bound` convention applies to mode=paper only)"
+        )
+    return {
+        "weight_decay_mode": WeightDecayMode.COWCLIP,
+        "cowclip_regularization": CowClipDefinition(
+            counter_halflife=-1,
+            weight_norm_coefficient=optim.cowclip.r,
+            lower_bound=optim.cowclip.zeta,
+        ),
+    }
 
 
 def _table_constraints(
@@ -113,7 +144,7 @@ def shard_model(
     ctx: DistContext,
     *,
     sharding_type: str,
-    embedding_optim: EmbeddingOptimConfig,
+    optim: OptimConfig,
     local_batch_size: int,
 ) -> DistributedModelParallel:
     """Plan and shard `model`'s embedding tables; dense layers become data-parallel (DDP)."""
@@ -121,7 +152,7 @@ def shard_model(
     fused_params = (
         None
         if sharding_type == "data_parallel"
-        else fused_optimizer_params(embedding_optim, ctx.device)
+        else fused_optimizer_params(optim, ctx.device)
     )
     sharders = [EmbeddingBagCollectionSharder(fused_params=fused_params)]
     planner = EmbeddingShardingPlanner(

@@ -12,13 +12,9 @@ The multiplier of step t (0-based, the t-th optimizer step) is warm-up(t) × dec
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Literal
-
-import torch
-from torch.optim.lr_scheduler import LambdaLR
 
 from ctrscale.optim.scaling import HyperparameterError
 
@@ -74,30 +70,3 @@ def lr_multiplier(
     if decay == "step":
         return warmup * step_gamma ** sum(step >= milestone for milestone in step_milestones)
     return warmup
-
-
-def lambda_lr(
-    optimizer: torch.optim.Optimizer,
-    *,
-    warmup_steps: int,
-    total_steps: int,
-    decay: Decay,
-    step_milestones: Sequence[int] = (),
-    step_gamma: float = 0.1,
-    min_ratio: float = 0.0,
-) -> LambdaLR:
-    """A `LambdaLR` applying `lr_multiplier` to every param group's LR.
-
-    Call `scheduler.step()` after each `optimizer.step()`: the k-th optimizer step then runs at
-    `lr_multiplier(k)` (LambdaLR applies step 0's factor when it is constructed).
-    """
-    schedule = functools.partial(
-        lr_multiplier,
-        warmup_steps=warmup_steps,
-        total_steps=total_steps,
-        decay=decay,
-        step_milestones=tuple(step_milestones),
-        step_gamma=step_gamma,
-        min_ratio=min_ratio,
-    )
-    return LambdaLR(optimizer, schedule)

@@ -3,7 +3,7 @@
 One code path for every launch: a single process, torchrun with N gloo CPU processes, or N
 nccl GPUs. Each step every rank holds its slice of the same global batch; the loss of a rank
 is its share of the *global* mean loss, so gradients equal the single-process ones on the same
-global batch (see `train_step`).
+global batch (see `Trainer.step` in step.py).
 """
 
 from __future__ import annotations
@@ -16,21 +16,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torchrec.datasets.utils import Batch
-from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from ctrscale.config import Config, load_config, save_config
 from ctrscale.data.loader import ParquetBatchLoader
 from ctrscale.data.schema import TRUE_PROBABILITY, write_json_atomic
 from ctrscale.distributed.context import DistContext, init_distributed
-from ctrscale.distributed.sharding import initialize_tables, shard_model
 from ctrscale.errors import CtrscaleError
-from ctrscale.models import build_model
-from ctrscale.optim.builder import RunOptimizers, build_optimizers, module_path
 from ctrscale.train import checkpoint
 from ctrscale.train.evaluate import EvalResult, evaluate
 from ctrscale.train.metrics_log import MetricsLog
+from ctrscale.train.step import Trainer, build_trainer
 
 
 @dataclass
@@ -75,48 +70,6 @@ def make_loaders(config: Config, ctx: DistContext) -> tuple[ParquetBatchLoader, 
     return train, evaluation
 
 
-def build_sharded_model(
-    config: Config, ctx: DistContext, table_sizes: dict[str, int]
-) -> tuple[DistributedModelParallel, RunOptimizers]:
-    model = build_model(config.model, table_sizes, dense_device=ctx.device)
-    embedding_prefix = module_path(model, model.embedding_bag_collection)
-    tables = model.embedding_bag_collection.embedding_bag_configs()
-    dmp = shard_model(
-        model,
-        model.embedding_bag_collection,
-        ctx,
-        sharding_type=config.distributed.sharding_type,
-        embedding_optim=config.optim.embedding,
-        local_batch_size=config.data.batch_size // ctx.world_size,
-    )
-    initialize_tables(dmp, tables, embedding_prefix, config.train.seed)
-    return dmp, build_optimizers(dmp, embedding_prefix, config.optim)
-
-
-def train_step(
-    dmp: DistributedModelParallel,
-    batch: Batch,
-    optimizers: RunOptimizers,
-    global_rows: int,
-    world_size: int,
-) -> torch.Tensor:
-    """One optimizer step on this rank's share of the global-batch mean loss; returns the
-    local loss sum.
-
-    DDP averages dense gradients over ranks, and TorchRec divides the embedding gradients it
-    sends back through the all-to-all by the world size too (its `gradient_division`), so each
-    rank back-propagates N × (its loss sum) / (global rows): the averaged gradients then equal
-    the single-process gradient of the global batch's mean loss, also when the last batch
-    leaves ranks with unequal rows.
-    """
-    optimizers.zero_grad()
-    logits = dmp(batch.dense_features, batch.sparse_features)
-    loss_sum = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="sum")
-    (loss_sum * (world_size / global_rows)).backward()
-    optimizers.step()
-    return loss_sum.detach()
-
-
 def global_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -126,12 +79,15 @@ def global_sum(values: list[float], device: torch.device) -> list[float]:
 
 def train(config: Config, out_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
     out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    if not resume and (ckpt_dir / checkpoint.LATEST).exists():
+        raise CtrscaleError(
+            f"{out_dir} already holds a run's checkpoints: pass --resume to continue it, or "
+            "choose another --out"
+        )
     ctx = init_distributed(config.distributed)
     torch.manual_seed(config.train.seed)
     train_loader, eval_loader = make_loaders(config, ctx)
-
-    dmp, optimizers = build_sharded_model(config, ctx, train_loader.table_sizes)
-
     steps_per_epoch = train_loader.num_batches()
     if steps_per_epoch == 0:
         raise CtrscaleError(
@@ -141,22 +97,24 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False) -> dict[
     total_steps = config.train.epochs * steps_per_epoch
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
+    trainer = build_trainer(
+        config,
+        ctx,
+        train_loader.table_sizes,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
 
-    ckpt_dir = out_dir / "checkpoints"
-    if not resume and (ckpt_dir / checkpoint.LATEST).exists():
-        raise CtrscaleError(
-            f"{out_dir} already holds a run's checkpoints: pass --resume to continue it, or "
-            "choose another --out"
-        )
     progress = Progress()
     if resume and (latest := checkpoint.latest_checkpoint(ckpt_dir)) is not None:
-        progress = _restore(latest, dmp, optimizers, train_loader)
-    else:
-        if config.train.warm_start:
-            warm_start(dmp, optimizers, config.train.warm_start, config.train.warm_start_optimizer)
-        if ctx.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, out_dir / "config.toml")
+        progress = _restore(latest, trainer, train_loader)
+    elif config.train.warm_start:
+        warm_start(trainer, config.train.warm_start, config.train.warm_start_optimizer)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "config.toml")
+        write_json_atomic(out_dir / "hyperparameters.json", trainer.hyperparameters.as_dict())
+        (out_dir / "plan.txt").write_text(f"{trainer.dmp.plan}\n")
 
     log = MetricsLog(
         out_dir,
@@ -167,8 +125,9 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False) -> dict[
     )
     log.message(
         f"training {config.model.name}: {total_steps} steps of {config.data.batch_size} rows "
-        f"({steps_per_epoch} per epoch) on {ctx.world_size} × {ctx.device.type}, "
-        f"plan:\n{dmp.plan}"
+        f"({steps_per_epoch} per epoch) on {ctx.world_size} × {ctx.device.type}; "
+        f"sharding plan in {out_dir / 'plan.txt'}\n"
+        f"hyperparameters at this batch size: {json.dumps(trainer.hyperparameters.as_dict())}"
     )
     last_eval: EvalResult | None = None
     window = {"loss_sum": 0.0, "rows": 0, "steps": 0, "start": time.perf_counter()}
@@ -181,13 +140,12 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False) -> dict[
         resumed_mid_epoch = False
         for batch in train_loader:
             batch = batch.to(ctx.device)
-            local_rows = batch.labels.numel()
             global_rows = (
                 config.data.batch_size
                 if config.data.drop_last
-                else int(global_sum([local_rows], ctx.device)[0])
+                else int(global_sum([batch.labels.numel()], ctx.device)[0])
             )
-            loss_sum = train_step(dmp, batch, optimizers, global_rows, ctx.world_size)
+            loss_sum = trainer.step(batch, global_rows, progress.step)
 
             progress.step += 1
             progress.rows_seen += global_rows
@@ -195,28 +153,24 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False) -> dict[
             window["rows"] += global_rows
             window["steps"] += 1
             if progress.step % config.train.log_every_steps == 0 or progress.step == total_steps:
-                train_seconds += _log_window(log, window, progress, optimizers, ctx)
+                train_seconds += _log_window(log, window, progress, trainer, ctx)
             paused = time.perf_counter()
             if config.train.eval_every_steps and progress.step % config.train.eval_every_steps == 0:
-                last_eval = _evaluate_and_log(log, dmp, eval_loader, ctx, progress)
+                last_eval = _evaluate_and_log(log, trainer, eval_loader, progress)
             if (
                 config.train.checkpoint_every_steps
                 and progress.step % config.train.checkpoint_every_steps == 0
             ):
-                _save(ckpt_dir, dmp, optimizers, train_loader, progress)
+                _save(ckpt_dir, trainer, train_loader, progress)
             window["start"] += time.perf_counter() - paused  # rows/s counts training time only
             if progress.step >= total_steps:
                 break
         else:
             progress.epoch += 1
 
-    if (
-        last_eval is None
-        or not config.train.eval_every_steps
-        or (progress.step % config.train.eval_every_steps)
-    ):
-        last_eval = _evaluate_and_log(log, dmp, eval_loader, ctx, progress)
-    _save(ckpt_dir, dmp, optimizers, train_loader, progress)
+    if last_eval is None or last_eval_step(config, progress) != progress.step:
+        last_eval = _evaluate_and_log(log, trainer, eval_loader, progress)
+    _save(ckpt_dir, trainer, train_loader, progress)
     rows_per_s = progress.rows_seen / train_seconds if train_seconds > 0 else 0.0
     final = {
         **last_eval.as_dict(),
@@ -226,6 +180,7 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False) -> dict[
         "batch_size": config.data.batch_size,
         "world_size": ctx.world_size,
         "device": ctx.device.type,
+        "hyperparameters": trainer.hyperparameters.as_dict(),
     }
     if ctx.is_main:
         write_json_atomic(out_dir / "metrics.json", final)
@@ -233,12 +188,13 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False) -> dict[
     return final
 
 
+def last_eval_step(config: Config, progress: Progress) -> int | None:
+    every = config.train.eval_every_steps
+    return None if not every else progress.step - progress.step % every
+
+
 def _log_window(
-    log: MetricsLog,
-    window: dict[str, float],
-    progress: Progress,
-    optimizers: RunOptimizers,
-    ctx: DistContext,
+    log: MetricsLog, window: dict[str, float], progress: Progress, trainer: Trainer, ctx
 ) -> float:
     (loss_sum,) = global_sum([window["loss_sum"]], ctx.device)
     seconds = time.perf_counter() - window["start"]
@@ -251,7 +207,7 @@ def _log_window(
             "epoch": progress.epoch,
             "loss": loss,
             "rows_per_s": rows_per_s,
-            "lr": optimizers.learning_rates(),
+            "lr": trainer.optimizers.learning_rates(),
         },
     )
     log.progress(int(window["steps"]), loss=f"{loss:.4f}", rows_s=f"{rows_per_s:,.0f}")
@@ -259,8 +215,8 @@ def _log_window(
     return seconds
 
 
-def _evaluate_and_log(log, dmp, eval_loader, ctx, progress) -> EvalResult:
-    result = evaluate(dmp, eval_loader, ctx.device)
+def _evaluate_and_log(log: MetricsLog, trainer: Trainer, eval_loader, progress) -> EvalResult:
+    result = evaluate(trainer.dmp, eval_loader, trainer.ctx.device)
     log.record("eval", progress.step, {"epoch": progress.epoch, **result.as_dict()})
     gap = "" if result.bayes_auc is None else f" (Bayes-optimal {result.bayes_auc:.5f})"
     log.message(
@@ -270,34 +226,29 @@ def _evaluate_and_log(log, dmp, eval_loader, ctx, progress) -> EvalResult:
     return result
 
 
-def _checkpoint_tensors(dmp, optimizers: RunOptimizers) -> dict[str, Any]:
-    return {"model": dmp.state_dict(), "optim": optimizers.combined.state_dict()}
-
-
-def _save(ckpt_dir, dmp, optimizers, train_loader, progress: Progress) -> None:
+def _save(ckpt_dir: Path, trainer: Trainer, train_loader, progress: Progress) -> None:
     state = {
         "epoch": progress.epoch,
         "rows_seen": progress.rows_seen,
         "loader": train_loader.state_dict(),
-        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "world_size": trainer.ctx.world_size,
     }
-    checkpoint.save_checkpoint(ckpt_dir, progress.step, _checkpoint_tensors(dmp, optimizers), state)
+    checkpoint.save_checkpoint(ckpt_dir, progress.step, trainer.state_tensors(), state)
 
 
-def _load_states(path, dmp, optimizers: RunOptimizers, with_optimizer: bool) -> dict[str, Any]:
-    tensors: dict[str, Any] = {"model": dmp.state_dict()}
+def _load_states(path: Path, trainer: Trainer, with_optimizer: bool) -> dict[str, Any]:
     if with_optimizer:
-        optimizers.combined.init_state()  # materialise lazily created state to load into
-        tensors["optim"] = optimizers.combined.state_dict()
+        trainer.optimizers.combined.init_state()  # materialise lazily created state to load into
+    tensors = trainer.state_tensors(with_optimizer)
     state = checkpoint.load_checkpoint(path, tensors)
-    dmp.load_state_dict(tensors["model"])
+    trainer.dmp.load_state_dict(tensors["model"])
     if with_optimizer:
-        optimizers.combined.load_state_dict(tensors["optim"])
+        trainer.optimizers.combined.load_state_dict(tensors["optim"])
     return state
 
 
-def _restore(path, dmp, optimizers: RunOptimizers, train_loader) -> Progress:
-    state = _load_states(path, dmp, optimizers, with_optimizer=True)
+def _restore(path: Path, trainer: Trainer, train_loader) -> Progress:
+    state = _load_states(path, trainer, with_optimizer=True)
     train_loader.load_state_dict(state["loader"])
     return Progress(step=state["step"], epoch=state["epoch"], rows_seen=state["rows_seen"])
 
@@ -313,17 +264,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CtrscaleError(f"{path}: not a checkpoint, nor a directory with a `latest` checkpoint")
 
 
-def warm_start(dmp, optimizers: RunOptimizers, source: str | Path, with_optimizer: bool) -> None:
-    _load_states(resolve_checkpoint(source), dmp, optimizers, with_optimizer)
+def warm_start(trainer: Trainer, source: str | Path, with_optimizer: bool) -> None:
+    _load_states(resolve_checkpoint(source), trainer, with_optimizer)
 
 
 def evaluate_checkpoint(config: Config, source: str | Path) -> EvalResult:
     """Exact eval metrics of a saved model on `config`'s eval split (any world size)."""
     ctx = init_distributed(config.distributed)
     _, eval_loader = make_loaders(config, ctx)
-    dmp, optimizers = build_sharded_model(config, ctx, eval_loader.table_sizes)
-    warm_start(dmp, optimizers, source, with_optimizer=False)
-    return evaluate(dmp, eval_loader, ctx.device)
+    trainer = build_trainer(config, ctx, eval_loader.table_sizes, steps_per_epoch=1, total_steps=1)
+    warm_start(trainer, source, with_optimizer=False)
+    return evaluate(trainer.dmp, eval_loader, ctx.device)
 
 
 def run_evaluate_cli(args) -> int:

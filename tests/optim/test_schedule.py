@@ -1,14 +1,13 @@
-"""LR multipliers at the boundaries of warm-up and decay, and the LambdaLR adapter."""
+"""LR multipliers at the boundaries of warm-up and decay."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
-import torch
 
 from ctrscale.optim.scaling import HyperparameterError
-from ctrscale.optim.schedule import lambda_lr, lr_multiplier
+from ctrscale.optim.schedule import lr_multiplier
 
 
 def test_linear_warmup_then_constant():
@@ -70,40 +69,3 @@ def test_invalid_schedules_raise_errors_naming_the_setting(arguments, message):
     settings = {"warmup_steps": 0, "total_steps": 100, "decay": "constant", **arguments}
     with pytest.raises(HyperparameterError, match=message):
         lr_multiplier(0, **settings)
-
-
-def test_lambda_lr_applies_step_k_multiplier_to_the_k_th_optimizer_step():
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=0.8)
-    scheduler = lambda_lr(optimizer, warmup_steps=4, total_steps=8, decay="cosine")
-    seen = []
-    for _ in range(9):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    expected = [
-        0.8 * lr_multiplier(k, warmup_steps=4, total_steps=8, decay="cosine") for k in range(9)
-    ]
-    assert seen == pytest.approx(expected)
-    assert seen[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
-    assert seen[-1] == pytest.approx(0.0)
-
-
-def test_lambda_lr_state_dict_round_trips():
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = lambda_lr(
-        optimizer, warmup_steps=3, total_steps=10, decay="step", step_milestones=[5]
-    )
-    for _ in range(6):
-        optimizer.step()
-        scheduler.step()
-    other = lambda_lr(
-        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
-        warmup_steps=3,
-        total_steps=10,
-        decay="step",
-        step_milestones=[5],
-    )
-    other.load_state_dict(scheduler.state_dict())
-    assert other.last_epoch == 6
-    assert other.get_last_lr() == scheduler.get_last_lr()
