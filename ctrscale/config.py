@@ -170,6 +170,9 @@ class DistributedConfig(Section):
     sharding_type: Literal[
         "auto", "table_wise", "column_wise", "table_column_wise", "row_wise", "data_parallel"
     ] = "auto"
+    # Width of column-wise shards (TorchRec's `min_partition`); unset = the planner's default
+    # of 128 columns (MIN_CW_DIM), under which a table narrower than 128 stays one shard.
+    column_shard_dim: Annotated[int, Field(gt=0, multiple_of=4)] | None = None
 
 
 class RefreshConfig(Section):

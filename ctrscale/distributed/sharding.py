@@ -124,7 +124,10 @@ def _fbgemm_cowclip(optim: OptimConfig) -> dict[str, Any]:
 
 
 def _table_constraints(
-    ebc: EmbeddingBagCollection, sharding_type: str, device: torch.device
+    ebc: EmbeddingBagCollection,
+    sharding_type: str,
+    device: torch.device,
+    column_shard_dim: int | None,
 ) -> dict[str, ParameterConstraints]:
     if sharding_type == "data_parallel":
         kinds, kernels = ["data_parallel"], [EmbeddingComputeKernel.DENSE.value]
@@ -133,7 +136,9 @@ def _table_constraints(
         kinds = fused_types if sharding_type == "auto" else [sharding_type]
         kernels = [EmbeddingComputeKernel.FUSED.value]
     return {
-        table.name: ParameterConstraints(sharding_types=list(kinds), compute_kernels=kernels)
+        table.name: ParameterConstraints(
+            sharding_types=list(kinds), compute_kernels=kernels, min_partition=column_shard_dim
+        )
         for table in ebc.embedding_bag_configs()
     }
 
@@ -146,13 +151,12 @@ def shard_model(
     sharding_type: str,
     optim: OptimConfig,
     local_batch_size: int,
+    column_shard_dim: int | None = None,
 ) -> DistributedModelParallel:
     """Plan and shard `model`'s embedding tables; dense layers become data-parallel (DDP)."""
     check_sharding_type(sharding_type, ctx.device)
     fused_params = (
-        None
-        if sharding_type == "data_parallel"
-        else fused_optimizer_params(optim, ctx.device)
+        None if sharding_type == "data_parallel" else fused_optimizer_params(optim, ctx.device)
     )
     sharders = [EmbeddingBagCollectionSharder(fused_params=fused_params)]
     planner = EmbeddingShardingPlanner(
@@ -162,7 +166,7 @@ def shard_model(
             local_world_size=ctx.local_world_size,
         ),
         batch_size=local_batch_size,
-        constraints=_table_constraints(ebc, sharding_type, ctx.device),
+        constraints=_table_constraints(ebc, sharding_type, ctx.device, column_shard_dim),
     )
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     return DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders)

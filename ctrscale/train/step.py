@@ -86,6 +86,7 @@ def build_trainer(
         sharding_type=config.distributed.sharding_type,
         optim=optim,
         local_batch_size=config.data.batch_size // ctx.world_size,
+        column_shard_dim=config.distributed.column_shard_dim,
     )
     initialize_tables(dmp, tables, embedding_prefix, config.train.seed)
     optimizers = build_optimizers(

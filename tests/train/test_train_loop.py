@@ -112,6 +112,7 @@ def test_two_processes_match_one_process(tiny_dataset, tmp_path, sharding):
         **{
             "train.max_steps": 6,
             "distributed.sharding_type": sharding,
+            "distributed.column_shard_dim": 4,  # 12-wide tables: 3 shards over both ranks
             "optim.embedding.name": "sgd",
             "optim.embedding.lr": 0.5,
             "optim.dense.name": "sgd",

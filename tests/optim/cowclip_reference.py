@@ -1,0 +1,172 @@
+"""CowClip + L2 on sharded tables versus the paper's formula applied to a dense gradient.
+
+Run in-process (world size 1) by tests/optim/test_cowclip_sharded.py, or as a script under
+torchrun for several processes:
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/optim/cowclip_reference.py \
+        SHARDING OUT.json
+
+Both sides start from the same weights and see the same global batches. The sharded side is
+ctrscale's trainer (fused FBGEMM SGD, gradients rewritten by embedding_grad.py). The reference
+is an unsharded copy whose table gradients come from autograd as dense tensors, and whose
+L2 and clipping are written out literally, one id at a time, from Algorithm 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec import KeyedJaggedTensor
+from torchrec.datasets.utils import Batch
+
+from ctrscale.config import load_config
+from ctrscale.data.schema import DENSE_FEATURES, SPARSE_FEATURES
+from ctrscale.distributed.context import init_distributed
+from ctrscale.models import build_model
+from ctrscale.train.step import build_trainer
+
+GLOBAL_BATCH = 256
+STEPS = 3
+TABLE_ROWS = 24  # 256 samples over 24 ids: every id repeats, some dozens of times
+EMBEDDING_LR, DENSE_LR, L2, R = 0.5, 0.1, 0.05, 0.005
+
+
+def config_for(sharding: str):
+    return load_config(
+        None,
+        [
+            f'distributed.sharding_type="{sharding}"',
+            "distributed.column_shard_dim=4",  # 8-wide tables split into 2 shards
+            'distributed.device="cpu"',
+            f"data.batch_size={GLOBAL_BATCH}",
+            "model.embedding_dim=8",
+            "model.dnn=[16]",
+            'optim.embedding.name="sgd"',
+            f"optim.embedding.lr={EMBEDDING_LR}",
+            f"optim.embedding.l2={L2}",
+            'optim.dense.name="sgd"',
+            "optim.dense.momentum=0.0",
+            f"optim.dense.lr={DENSE_LR}",
+            'optim.schedule.rule="none"',
+            'optim.cowclip.mode="paper"',
+            f"optim.cowclip.r={R}",
+            "optim.cowclip.zeta=0.0",
+        ],
+    )
+
+
+def global_batches(seed: int = 7) -> list[Batch]:
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(STEPS):
+        # Skewed ids: low ids are frequent, high ids rare, as in CTR data.
+        ids = (
+            torch.rand(len(SPARSE_FEATURES), GLOBAL_BATCH, generator=generator) ** 3
+        ) * TABLE_ROWS
+        values = ids.long().flatten()
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=list(SPARSE_FEATURES),
+            values=values,
+            lengths=torch.ones(values.numel(), dtype=torch.int32),
+        )
+        dense = torch.rand(GLOBAL_BATCH, len(DENSE_FEATURES), generator=generator)
+        labels = (torch.rand(GLOBAL_BATCH, generator=generator) < 0.3).float()
+        batches.append(Batch(dense, kjt, labels))
+    return batches
+
+
+def rank_slice(batch: Batch, rank: int, world_size: int) -> Batch:
+    size = GLOBAL_BATCH // world_size
+    rows = slice(rank * size, (rank + 1) * size)
+    ids = batch.sparse_features.values().view(len(SPARSE_FEATURES), GLOBAL_BATCH)[:, rows]
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(SPARSE_FEATURES),
+        values=ids.flatten(),
+        lengths=torch.ones(ids.numel(), dtype=torch.int32),
+    )
+    return Batch(batch.dense_features[rows], kjt, batch.labels[rows])
+
+
+def full_state(dmp) -> dict[str, torch.Tensor]:
+    """Every parameter as one full tensor (sharded tables gathered to every rank)."""
+    state = {}
+    for name, value in dmp.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            full = torch.zeros(value.size()) if dist.get_rank() == 0 else None
+            value.gather(dst=0, out=full)
+            full = full if full is not None else torch.zeros(value.size())
+            dist.broadcast(full, src=0)
+            state[name] = full
+        else:
+            state[name] = value.detach().clone()
+    return state
+
+
+def reference_step(model, batch: Batch, first_order: frozenset[str]) -> tuple[int, int]:
+    """One SGD step with L2 and CowClip computed literally from Algorithm 1."""
+    model.zero_grad()
+    logits = model(batch.dense_features, batch.sparse_features)
+    F.binary_cross_entropy_with_logits(logits, batch.labels).backward()
+    ids = batch.sparse_features.values().view(len(SPARSE_FEATURES), GLOBAL_BATCH)
+    clipped = unclipped = 0
+    with torch.no_grad():
+        tables = model.embedding_bag_collection.embedding_bags
+        for name, bag in tables.items():
+            feature = name.removesuffix("_wide")
+            weight, grad = bag.weight, bag.weight.grad.clone()
+            feature_ids = ids[SPARSE_FEATURES.index(feature)].tolist()
+            for row in sorted(set(feature_ids)):
+                count = feature_ids.count(row)
+                g = grad[row] + 2 * L2 * weight[row]
+                if name not in first_order:
+                    threshold = count * max(R * weight[row].norm().item(), 0.0)
+                    norm = g.norm().item()
+                    if norm > threshold:
+                        g = g * (threshold / norm)
+                        clipped += 1
+                    else:
+                        unclipped += 1
+                grad[row] = g
+            weight -= EMBEDDING_LR * grad
+        embedding_params = {id(b.weight) for b in tables.values()}
+        for param in model.parameters():
+            if id(param) not in embedding_params:
+                param -= DENSE_LR * param.grad
+    return clipped, unclipped
+
+
+def run(sharding: str) -> dict[str, float]:
+    config = config_for(sharding)
+    ctx = init_distributed(config.distributed)
+    torch.manual_seed(0)
+    sizes = dict.fromkeys(SPARSE_FEATURES, TABLE_ROWS)
+    trainer = build_trainer(config, ctx, sizes, steps_per_epoch=STEPS, total_steps=STEPS)
+    reference = build_model(config.model, sizes, embedding_device=torch.device("cpu"))
+    reference.load_state_dict(full_state(trainer.dmp))
+    first_order = reference.first_order_tables
+
+    clipped = unclipped = 0
+    for step, batch in enumerate(global_batches()):
+        trainer.step(rank_slice(batch, ctx.rank, ctx.world_size), GLOBAL_BATCH, step)
+        more_clipped, more_unclipped = reference_step(reference, batch, first_order)
+        clipped, unclipped = clipped + more_clipped, unclipped + more_unclipped
+
+    sharded, expected = full_state(trainer.dmp), reference.state_dict()
+    worst = max(
+        ((sharded[name] - value).abs().max() / value.abs().max().clamp_min(1e-12)).item()
+        for name, value in expected.items()
+    )
+    return {"max_relative_error": worst, "clipped_ids": clipped, "unclipped_ids": unclipped}
+
+
+if __name__ == "__main__":
+    sharding, out = sys.argv[1], sys.argv[2]
+    result = run(sharding)
+    if dist.get_rank() == 0:
+        with open(out, "w") as handle:
+            json.dump(result, handle)
