@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from fbgemm_gpu.tbe.config.optimizer_config import CowClipDefinition, WeightDecayMode
-from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch import Tensor, nn
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -64,6 +64,42 @@ FUSED_OPTIMIZERS = {
 }
 
 
+def has_fused_adam(device: torch.device) -> bool:
+    return "adam" in FUSED_OPTIMIZERS[device.type]
+
+
+def sharded_like_weights(
+    model_state: dict[str, Any], moments: dict[str, tuple[Tensor, Tensor]]
+) -> dict[str, Any]:
+    """RowAdam's moments laid out like the tables they belong to, for DCP: a ShardedTensor
+    with the weight's shard metadata for a sharded table (so a checkpoint re-shards), a plain
+    tensor for a replicated one. `moments` is keyed by `table@row_offset,col_offset`."""
+    by_table: dict[str, dict[tuple[int, int], tuple[Tensor, Tensor]]] = {}
+    for key, pair in moments.items():
+        table, offsets = key.split("@")
+        row, col = (int(x) for x in offsets.split(","))
+        by_table.setdefault(table, {})[(row, col)] = pair
+    state: dict[str, Any] = {}
+    for name, weight in model_state.items():
+        table = name.rsplit(".", 2)[-2] if name.endswith(".weight") else None
+        if table not in by_table:
+            continue
+        for slot, moment in enumerate(("exp_avg", "exp_avg_sq")):
+            if isinstance(weight, ShardedTensor):
+                shards = [
+                    Shard(by_table[table][tuple(s.metadata.shard_offsets)][slot], s.metadata)
+                    for s in weight.local_shards()
+                ]
+                state[f"{table}.{moment}"] = (
+                    ShardedTensor._init_from_local_shards_and_global_metadata(
+                        shards, weight.metadata(), process_group=weight._process_group
+                    )
+                )
+            else:
+                state[f"{table}.{moment}"] = by_table[table][(0, 0)][slot]
+    return state
+
+
 def allowed_sharding_types(device: torch.device) -> tuple[str, ...]:
     return SHARDING_TYPES[device.type]
 
@@ -85,6 +121,10 @@ def fused_optimizer_params(optim: OptimConfig, device: torch.device) -> dict[str
     """
     config = optim.embedding
     available = FUSED_OPTIMIZERS[device.type]
+    if config.name == "adam" and config.name not in available:
+        # ctrscale's RowAdam applies Adam after the backward (row_adam.py); FBGEMM's kernel
+        # still runs the backward, as a zero-LR SGD that leaves the weights alone.
+        return {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.0}
     if config.name not in available:
         raise CtrscaleError(
             f"optim.embedding.name={config.name} has no fused FBGEMM kernel on {device.type}; "

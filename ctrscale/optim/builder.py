@@ -94,7 +94,7 @@ def replicated_embedding_optimizer(
         return lambda params: torch.optim.Adagrad(params, lr=config.lr, eps=config.eps)
     if config.name == "rowwise_adagrad":
         return lambda params: RowWiseAdagrad(params, lr=config.lr, eps=config.eps)
-    return lambda params: torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.eps)
+    raise ValueError(f"no replicated-table optimizer for {config.name} (Adam is RowAdam's)")
 
 
 def dense_optimizer(
@@ -162,7 +162,8 @@ def build_optimizers(
     replicated = {n: p for n, p in embedding_params.items() if n not in fused}
 
     parts: list[tuple[str, KeyedOptimizer]] = [("embedding", dmp.fused_optimizer)]
-    if replicated:
+    # Replicated tables under Adam are RowAdam's (embedding_grad.py), like the sharded ones.
+    if replicated and config.embedding.name != "adam":
         parts.append(
             (
                 "embedding_replicated",

@@ -19,6 +19,10 @@ summed over the shards of the table with one all-reduce per step on a dedicated 
 applies the same factor. Data-parallel tables (replicated, dense kernel) see only the local
 batch in their backward, so they are rewritten after the backward instead, on the all-reduced
 `.grad`, with counts all-reduced over ranks.
+
+Optionally the same hooks also *apply* the embedding optimizer, where FBGEMM cannot fuse it
+(Adam on CPU; Adam on data-parallel tables): the rewritten per-id gradient rows are handed to
+`RowAdam` after the backward, and FBGEMM's fused optimizer is a zero-LR SGD (see sharding.py).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ctrscale.errors import CtrscaleError
-from ctrscale.optim.cowclip import cowclip_scale, segment_ids, segment_sq_norms
+from ctrscale.optim.cowclip import IdSegments, cowclip_scale, segment_ids, segment_sq_norms
+from ctrscale.optim.row_adam import RowAdam
 
 
 @dataclass(frozen=True)
@@ -61,11 +66,14 @@ class _Feature:
     col_end: int
     full_dim: int
     column_sharded: bool
+    shard: str  # "table@row_offset,col_offset": the local shard this feature reads
 
 
 @dataclass
 class _Tbe:
     features: list[_Feature]
+    weights: dict[str, Tensor]  # shard key → the shard's weight rows (views into the TBE)
+    row_adam: bool  # RowAdam updates this TBE's rows (FBGEMM cannot fuse Adam for it)
 
 
 @dataclass
@@ -92,23 +100,39 @@ class EmbeddingGradientTransform:
     """Installs the hooks on a DistributedModelParallel model and keeps their per-step state."""
 
     rule: GradientRule
+    row_adam: RowAdam | None = None
     column_tables: list[str] = field(default_factory=list)  # same order on every rank
     group: dist.ProcessGroup | None = None
     _pending: _PendingColumnNorms = field(default_factory=_PendingColumnNorms)
     _replicated: list[tuple[_Tbe, nn.Module]] = field(default_factory=list)
     _replicated_ids: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    _row_updates: list[tuple[str, Tensor, Tensor, Tensor]] = field(default_factory=list)
 
     @classmethod
-    def install(cls, dmp: nn.Module, rule: GradientRule) -> EmbeddingGradientTransform | None:
-        if not rule.active:
+    def install(
+        cls,
+        dmp: nn.Module,
+        rule: GradientRule,
+        row_adam: RowAdam | None = None,
+        fused_adam: bool = True,
+    ) -> EmbeddingGradientTransform | None:
+        """`row_adam`: the embedding optimizer is Adam; it then updates the data-parallel
+        tables, and the sharded ones too unless FBGEMM fuses Adam on this device
+        (`fused_adam`)."""
+        if not rule.active and row_adam is None:
             return None
-        transform = cls(rule)
+        transform = cls(rule, row_adam)
         tbes = []
         for sebc in _sharded_ebcs(dmp):
             for sharding_type, lookup in _lookups_with_types(sebc):
                 for emb in lookup._emb_modules:
-                    tbe = transform._describe(emb, sharding_type)
+                    replicated = sharding_type == "data_parallel"
+                    uses_row_adam = row_adam is not None and (replicated or not fused_adam)
+                    tbe = transform._describe(emb, sharding_type, uses_row_adam)
                     tbes.append((tbe, emb, sharding_type))
+                    if uses_row_adam:
+                        for key, weight in tbe.weights.items():
+                            row_adam.add_shard(key, weight)
         transform.column_tables = sorted(
             {f.table for tbe, _, _ in tbes for f in tbe.features if f.column_sharded}
         )
@@ -132,10 +156,18 @@ class EmbeddingGradientTransform:
                 )
         return transform
 
-    def _describe(self, emb: nn.Module, sharding_type: str) -> _Tbe:
-        features, column = [], 0
+    def _describe(self, emb: nn.Module, sharding_type: str, row_adam: bool) -> _Tbe:
+        features, weights, column = [], {}, 0
         column_sharded = sharding_type in ("column_wise", "table_column_wise")
-        for table in emb.config.embedding_tables:
+        if sharding_type == "data_parallel":  # views whose .grad is the table's gradient
+            by_table = dict(emb.named_parameters_by_table())
+            local_weights = [by_table[t.name] for t in emb.config.embedding_tables]
+        else:
+            local_weights = emb.emb_module.split_embedding_weights()
+        for table, weight in zip(emb.config.embedding_tables, local_weights, strict=True):
+            offsets = table.local_metadata.shard_offsets if table.local_metadata else (0, 0)
+            shard = f"{table.name}@{offsets[0]},{offsets[1]}"
+            weights[shard] = weight
             for _ in table.feature_names:
                 features.append(
                     _Feature(
@@ -145,10 +177,11 @@ class EmbeddingGradientTransform:
                         col_end=column + table.local_cols,
                         full_dim=table.embedding_dim,
                         column_sharded=column_sharded,
+                        shard=shard,
                     )
                 )
                 column += table.local_cols
-        return _Tbe(features)
+        return _Tbe(features, weights, row_adam)
 
     # ---- fused shards: rewrite the pooled output's gradient before FBGEMM's backward ----
 
@@ -191,15 +224,27 @@ class EmbeddingGradientTransform:
                 factor = self._factor(feature, segments, grad_sq, weight_sq)
                 g = g * factor[segments.inverse].unsqueeze(1)
             grad[samples, cols] = g
+            self._stash_rows(tbe, feature, segments, g)
         if column_parts:
-            self._finish_column_sharded(column_parts, grad, batch)
+            self._finish_column_sharded(tbe, column_parts, grad, batch)
         return grad
+
+    def _stash_rows(self, tbe: _Tbe, feature: _Feature, segments: IdSegments, g: Tensor) -> None:
+        """Keep the id's final gradient row for RowAdam, applied once the backward is done
+        (updating the weights inside the backward would race FBGEMM's own kernel)."""
+        if not tbe.row_adam:
+            return
+        summed = g.new_zeros(segments.unique_ids.numel(), g.shape[1])
+        summed.index_add_(0, segments.inverse, g)
+        row_offset = int(feature.shard.split("@")[1].split(",")[0])
+        rows = segments.unique_ids - row_offset
+        self._row_updates.append((feature.shard, tbe.weights[feature.shard], rows, summed))
 
     def _factor(self, feature: _Feature, segments, grad_sq: Tensor, weight_sq: Tensor) -> Tensor:
         zeta = self.rule.zeta_for_dim[feature.full_dim]
         return cowclip_scale(grad_sq, weight_sq, segments.counts, self.rule.r, zeta)
 
-    def _finish_column_sharded(self, parts, grad: Tensor, batch: int) -> None:
+    def _finish_column_sharded(self, tbe: _Tbe, parts, grad: Tensor, batch: int) -> None:
         # Per-sample layout [table, (‖Σg‖², ‖w‖²), sample]: its shape is known on every rank
         # (the global batch), whichever shards a rank holds, so one all-reduce combines them.
         buffer = self._column_buffer(batch, grad.device)
@@ -215,7 +260,9 @@ class EmbeddingGradientTransform:
             factor = cowclip_scale(
                 buffer[slot, 0, samples], buffer[slot, 1, samples], counts, self.rule.r, zeta
             )
-            grad[samples, feature.col_start : feature.col_end] = g * factor.unsqueeze(1)
+            g = g * factor.unsqueeze(1)
+            grad[samples, feature.col_start : feature.col_end] = g
+            self._stash_rows(tbe, feature, segments, g)
 
     def _column_buffer(self, batch: int, device: torch.device) -> Tensor:
         if self._pending.buffer is None:
@@ -240,15 +287,19 @@ class EmbeddingGradientTransform:
             self._column_buffer(global_rows, device)
             self._reduce_column_norms()
         self._pending = _PendingColumnNorms()
-        for (tbe, emb), (indices, offsets) in zip(
+        if self.row_adam is not None:
+            self.row_adam.begin_step()
+        for (tbe, _), (indices, offsets) in zip(
             self._replicated, self._replicated_ids, strict=True
         ):
-            self._rewrite_replicated(tbe, emb, indices, offsets)
+            self._rewrite_replicated(tbe, indices, offsets)
         self._replicated_ids.clear()
+        for shard, weight, rows, grad in self._row_updates:
+            self.row_adam.update(shard, weight, rows, grad)
+        self._row_updates.clear()
 
     @torch.no_grad()
-    def _rewrite_replicated(self, tbe: _Tbe, emb: nn.Module, indices, offsets) -> None:
-        weights = dict(emb.named_parameters_by_table())  # views whose .grad is the table's
+    def _rewrite_replicated(self, tbe: _Tbe, indices, offsets) -> None:
         batch = (offsets.numel() - 1) // len(tbe.features)
         lengths = offsets.diff()
         for feature in tbe.features:
@@ -258,8 +309,8 @@ class EmbeddingGradientTransform:
                     f"table {feature.table}: a sample looks up several ids; L2 and CowClip are "
                     "exact only for single-valued features, so multi-valued ones are refused"
                 )
-            grad = weights[feature.table].grad
-            weight = weights[feature.table].detach()
+            grad = tbe.weights[feature.shard].grad
+            weight = tbe.weights[feature.shard].detach()
             local_ids = indices[offsets[bags][lengths[bags].nonzero().squeeze(1)]]
             counts = torch.bincount(local_ids, minlength=weight.shape[0]).to(weight.dtype)
             if dist.is_initialized() and dist.get_world_size() > 1:
@@ -276,6 +327,10 @@ class EmbeddingGradientTransform:
                     self.rule.zeta_for_dim[feature.full_dim],
                 )
                 grad[present] *= factor.unsqueeze(1)
+            if tbe.row_adam:
+                rows = present.nonzero().squeeze(1)
+                self._row_updates.append((feature.shard, weight, rows, grad[rows].clone()))
+                grad.zero_()  # RowAdam owns these rows; no torch optimizer may apply them again
 
 
 def _agree_across_ranks(names: list[str]) -> list[str]:

@@ -207,7 +207,7 @@ def _log_window(
             "epoch": progress.epoch,
             "loss": loss,
             "rows_per_s": rows_per_s,
-            "lr": trainer.optimizers.learning_rates(),
+            "lr": trainer.learning_rates(),
         },
     )
     log.progress(int(window["steps"]), loss=f"{loss:.4f}", rows_s=f"{rows_per_s:,.0f}")

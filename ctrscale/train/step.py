@@ -17,7 +17,12 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from ctrscale.config import Config
 from ctrscale.distributed.context import DistContext
-from ctrscale.distributed.sharding import initialize_tables, shard_model
+from ctrscale.distributed.sharding import (
+    has_fused_adam,
+    initialize_tables,
+    shard_model,
+    sharded_like_weights,
+)
 from ctrscale.models import build_model
 from ctrscale.optim.builder import (
     RunOptimizers,
@@ -28,6 +33,7 @@ from ctrscale.optim.builder import (
     scaled,
 )
 from ctrscale.optim.embedding_grad import EmbeddingGradientTransform
+from ctrscale.optim.row_adam import RowAdam
 from ctrscale.optim.scaling import ResolvedHyperparameters
 
 
@@ -58,11 +64,27 @@ class Trainer:
         self.optimizers.step(step)
         return loss_sum.detach()
 
+    @property
+    def row_adam(self) -> RowAdam | None:
+        return None if self.gradients is None else self.gradients.row_adam
+
+    def learning_rates(self) -> dict[str, float]:
+        rates = self.optimizers.learning_rates()
+        if self.row_adam is not None:
+            rates["embedding"] = self.row_adam.lr
+        return rates
+
     def state_tensors(self, with_optimizer: bool = True) -> dict[str, Any]:
         """What a checkpoint holds (sharded tensors included), as DCP saves and loads it."""
-        tensors: dict[str, Any] = {"model": self.dmp.state_dict()}
+        model = self.dmp.state_dict()
+        tensors: dict[str, Any] = {"model": model}
         if with_optimizer:
             tensors["optim"] = self.optimizers.combined.state_dict()
+            if self.row_adam is not None:
+                tensors["row_adam"] = {
+                    "step": self.row_adam.step,
+                    **sharded_like_weights(model, self.row_adam.moments),
+                }
         return tensors
 
 
@@ -93,5 +115,11 @@ def build_trainer(
         dmp, embedding_prefix, optim, hyperparameters.dense_warmup_steps, total_steps
     )
     rule = gradient_rule(optim, {t.embedding_dim for t in tables}, model.first_order_tables)
-    gradients = EmbeddingGradientTransform.install(dmp, rule)
+    row_adam = None
+    if optim.embedding.name == "adam":
+        beta1, beta2 = optim.embedding.betas
+        row_adam = RowAdam(optim.embedding.lr, beta1, beta2, optim.embedding.eps)
+    gradients = EmbeddingGradientTransform.install(
+        dmp, rule, row_adam, fused_adam=has_fused_adam(ctx.device)
+    )
     return Trainer(dmp, optimizers, gradients, hyperparameters, ctx)

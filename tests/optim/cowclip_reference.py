@@ -4,10 +4,11 @@ Run in-process (world size 1) by tests/optim/test_cowclip_sharded.py, or as a sc
 torchrun for several processes:
 
     python -m torch.distributed.run --nproc_per_node 2 tests/optim/cowclip_reference.py \
-        SHARDING OUT.json
+        SHARDING EMBEDDING_OPTIMIZER OUT.json
 
 Both sides start from the same weights and see the same global batches. The sharded side is
-ctrscale's trainer (fused FBGEMM SGD, gradients rewritten by embedding_grad.py). The reference
+ctrscale's trainer (fused FBGEMM SGD or ctrscale's RowAdam, gradients rewritten by
+embedding_grad.py). The reference
 is an unsharded copy whose table gradients come from autograd as dense tensors, and whose
 L2 and clipping are written out literally, one id at a time, from Algorithm 1.
 """
@@ -34,9 +35,13 @@ GLOBAL_BATCH = 256
 STEPS = 3
 TABLE_ROWS = 24  # 256 samples over 24 ids: every id repeats, some dozens of times
 EMBEDDING_LR, DENSE_LR, L2, R = 0.5, 0.1, 0.05, 0.005
+# ε above Adam's 1e-8 so that float32 summation-order noise in a near-zero gradient is not
+# amplified into a visible step difference (Adam divides by √v).
+ADAM_LR, BETA1, BETA2, EPS = 0.01, 0.9, 0.999, 1e-6
 
 
-def config_for(sharding: str):
+def config_for(sharding: str, embedding_optimizer: str):
+    lr = EMBEDDING_LR if embedding_optimizer == "sgd" else ADAM_LR
     return load_config(
         None,
         [
@@ -46,8 +51,9 @@ def config_for(sharding: str):
             f"data.batch_size={GLOBAL_BATCH}",
             "model.embedding_dim=8",
             "model.dnn=[16]",
-            'optim.embedding.name="sgd"',
-            f"optim.embedding.lr={EMBEDDING_LR}",
+            f'optim.embedding.name="{embedding_optimizer}"',
+            f"optim.embedding.lr={lr}",
+            f"optim.embedding.eps={EPS}",
             f"optim.embedding.l2={L2}",
             'optim.dense.name="sgd"',
             "optim.dense.momentum=0.0",
@@ -107,13 +113,33 @@ def full_state(dmp) -> dict[str, torch.Tensor]:
     return state
 
 
-def reference_step(model, batch: Batch, first_order: frozenset[str]) -> tuple[int, int]:
-    """One SGD step with L2 and CowClip computed literally from Algorithm 1."""
+class LiteralLazyAdam:
+    """Adam on the rows a batch looks up, one row at a time (Kingma & Ba, Algorithm 1)."""
+
+    def __init__(self) -> None:
+        self.moments: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.t = 0
+
+    def row_step(self, table: str, row: int, weight: torch.Tensor, g: torch.Tensor) -> None:
+        m, v = self.moments.get((table, row), (torch.zeros_like(g), torch.zeros_like(g)))
+        m, v = BETA1 * m + (1 - BETA1) * g, BETA2 * v + (1 - BETA2) * g * g
+        self.moments[(table, row)] = (m, v)
+        m_hat, v_hat = m / (1 - BETA1**self.t), v / (1 - BETA2**self.t)
+        weight[row] -= ADAM_LR * m_hat / (v_hat.sqrt() + EPS)
+
+
+def reference_step(
+    model, batch: Batch, first_order: frozenset[str], adam: LiteralLazyAdam | None
+) -> tuple[int, int]:
+    """One step with L2 and CowClip computed literally from Algorithm 1, then SGD or lazy
+    Adam on the embedding rows and SGD on the dense layers."""
     model.zero_grad()
     logits = model(batch.dense_features, batch.sparse_features)
     F.binary_cross_entropy_with_logits(logits, batch.labels).backward()
     ids = batch.sparse_features.values().view(len(SPARSE_FEATURES), GLOBAL_BATCH)
     clipped = unclipped = 0
+    if adam is not None:
+        adam.t += 1
     with torch.no_grad():
         tables = model.embedding_bag_collection.embedding_bags
         for name, bag in tables.items():
@@ -132,7 +158,11 @@ def reference_step(model, batch: Batch, first_order: frozenset[str]) -> tuple[in
                     else:
                         unclipped += 1
                 grad[row] = g
-            weight -= EMBEDDING_LR * grad
+            if adam is None:
+                weight -= EMBEDDING_LR * grad
+            else:
+                for row in sorted(set(feature_ids)):
+                    adam.row_step(name, row, weight, grad[row])
         embedding_params = {id(b.weight) for b in tables.values()}
         for param in model.parameters():
             if id(param) not in embedding_params:
@@ -140,8 +170,8 @@ def reference_step(model, batch: Batch, first_order: frozenset[str]) -> tuple[in
     return clipped, unclipped
 
 
-def run(sharding: str) -> dict[str, float]:
-    config = config_for(sharding)
+def run(sharding: str, embedding_optimizer: str = "sgd") -> dict[str, float]:
+    config = config_for(sharding, embedding_optimizer)
     ctx = init_distributed(config.distributed)
     torch.manual_seed(0)
     sizes = dict.fromkeys(SPARSE_FEATURES, TABLE_ROWS)
@@ -150,10 +180,11 @@ def run(sharding: str) -> dict[str, float]:
     reference.load_state_dict(full_state(trainer.dmp))
     first_order = reference.first_order_tables
 
+    adam = LiteralLazyAdam() if embedding_optimizer == "adam" else None
     clipped = unclipped = 0
     for step, batch in enumerate(global_batches()):
         trainer.step(rank_slice(batch, ctx.rank, ctx.world_size), GLOBAL_BATCH, step)
-        more_clipped, more_unclipped = reference_step(reference, batch, first_order)
+        more_clipped, more_unclipped = reference_step(reference, batch, first_order, adam)
         clipped, unclipped = clipped + more_clipped, unclipped + more_unclipped
 
     sharded, expected = full_state(trainer.dmp), reference.state_dict()
@@ -165,8 +196,8 @@ def run(sharding: str) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    sharding, out = sys.argv[1], sys.argv[2]
-    result = run(sharding)
+    sharding, embedding_optimizer, out = sys.argv[1:4]
+    result = run(sharding, embedding_optimizer)
     if dist.get_rank() == 0:
         with open(out, "w") as handle:
             json.dump(result, handle)

@@ -20,14 +20,19 @@ def check(result: dict) -> None:
     assert result["unclipped_ids"] > 0
 
 
-@pytest.mark.parametrize("sharding", ["table_wise", "column_wise", "data_parallel"])
-def test_one_process_matches_the_formula(single_process_group, sharding):
-    check(cowclip_reference.run(sharding))
+SHARDINGS = ["table_wise", "column_wise", "data_parallel"]
+
+
+@pytest.mark.parametrize("embedding_optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_one_process_matches_the_formula(single_process_group, sharding, embedding_optimizer):
+    check(cowclip_reference.run(sharding, embedding_optimizer))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["table_wise", "column_wise", "data_parallel"])
-def test_two_processes_match_the_formula(tmp_path, sharding):
+@pytest.mark.parametrize("embedding_optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_two_processes_match_the_formula(tmp_path, sharding, embedding_optimizer):
     out = tmp_path / "result.json"
     env = {k: v for k, v in __import__("os").environ.items() if k not in LAUNCHER_VARIABLES}
     env["PYTHONPATH"] = f"{REPO_ROOT / 'tests'}"
@@ -35,7 +40,8 @@ def test_two_processes_match_the_formula(tmp_path, sharding):
         [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
             "--master_port", str(free_port()),
-            str(REPO_ROOT / "tests" / "optim" / "cowclip_reference.py"), sharding, str(out),
+            str(REPO_ROOT / "tests" / "optim" / "cowclip_reference.py"), sharding,
+            embedding_optimizer, str(out),
         ],
         check=True, env=env, capture_output=True, timeout=600,
     )  # fmt: skip

@@ -203,3 +203,18 @@ def test_evaluate_and_warm_start_reuse_a_saved_model(tiny_dataset, tmp_path):
     }
     run_ctrscale(train_args(tmp_path / "warm", tiny_overrides(tiny_dataset, **frozen)))
     assert metrics(tmp_path / "warm")["auc"] == pytest.approx(expected["auc"], abs=1e-6)
+
+
+def test_stop_and_resume_with_adam_embeddings_is_exact(tiny_dataset, tmp_path):
+    """Adam on CPU embeddings is ctrscale's RowAdam: its moments and step must be checkpointed
+    (sharded like the tables) for a resumed run to end bitwise like an uninterrupted one."""
+    adam = {"optim.embedding.name": "adam", "optim.embedding.lr": 0.01}
+    straight = tiny_overrides(tiny_dataset, **adam, **{"train.max_steps": 4})
+    run_ctrscale(train_args(tmp_path / "straight", straight))
+    first_half = tiny_overrides(tiny_dataset, **adam, **{"train.max_steps": 2})
+    run_ctrscale(train_args(tmp_path / "resumed", first_half))
+    run_ctrscale([*train_args(tmp_path / "resumed", straight), "--resume"])
+    expected, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    assert resumed["steps"] == expected["steps"] == 4
+    assert resumed["auc"] == expected["auc"]
+    assert resumed["logloss"] == expected["logloss"]
