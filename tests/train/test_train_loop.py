@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from runner import run_ctrscale, tiny_overrides, train_args
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-from train.runner import run_ctrscale, tiny_overrides, train_args
 
 from ctrscale.config import load_config
 from ctrscale.distributed.context import LAUNCHER_VARIABLES
