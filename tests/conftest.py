@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
+
+# As `ctrscale` itself does (cli.py): set before any test loads torch's OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from support import CRITEO_SAMPLE, free_port
 
 

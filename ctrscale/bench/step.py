@@ -115,6 +115,12 @@ def run_cli(args) -> int:
             for with_loader in (False, True) if args.with_loader else (False,):
                 results.append(_run_child(args, base, batch_size, with_loader))
                 _print_row(results[-1])
+        if args.cowclip_overhead:
+            largest = max(args.batch_sizes)
+            for mode in ("off", "paper"):
+                variant = [*base, 'optim.schedule.rule="none"', f'optim.cowclip.mode="{mode}"']
+                results.append({**_run_child(args, variant, largest, False), "cowclip": mode})
+                _print_row(results[-1])
     summary = _summary(results)
     print(json.dumps(summary, indent=2))
     if args.out:
@@ -139,8 +145,9 @@ def _run_child(args, base: list[str], batch_size: int, with_loader: bool) -> dic
 
 
 def _print_row(r: dict[str, Any]) -> None:
+    label = f"cowclip={r['cowclip']}" if "cowclip" in r else r["source"]
     print(
-        f"batch {r['batch_size']:>7} {r['source']:>6}: {r['rows_per_s']:>12,.0f} rows/s  "
+        f"batch {r['batch_size']:>7} {label:>14}: {r['rows_per_s']:>12,.0f} rows/s  "
         f"{r['fraction_of_limit']:6.1%} of compute-bound {r['compute_bound_rows_per_s']:,.0f}  "
         f"peak RSS {r['peak_rss_mib']:,.0f} MiB",
         flush=True,
@@ -148,8 +155,9 @@ def _print_row(r: dict[str, Any]) -> None:
 
 
 def _summary(results: list[dict[str, Any]]) -> dict[str, Any]:
-    memory = {r["batch_size"]: r for r in results if r["source"] == "memory"}
-    loader = {r["batch_size"]: r for r in results if r["source"] == "loader"}
+    plain = [r for r in results if "cowclip" not in r]
+    memory = {r["batch_size"]: r for r in plain if r["source"] == "memory"}
+    loader = {r["batch_size"]: r for r in plain if r["source"] == "loader"}
     smallest, largest = min(memory), max(memory)
     summary: dict[str, Any] = {
         "fraction_of_limit_at_largest": memory[largest]["fraction_of_limit"],
@@ -160,4 +168,10 @@ def _summary(results: list[dict[str, Any]]) -> dict[str, Any]:
         summary["loader_over_memory_rows_per_s"] = {
             b: loader[b]["rows_per_s"] / memory[b]["rows_per_s"] for b in loader
         }
+    clip = {r["cowclip"]: r for r in results if "cowclip" in r}
+    if clip:
+        # Step-time ratio with/without CowClip = inverse throughput ratio.
+        summary["cowclip_step_time_overhead"] = (
+            clip["off"]["rows_per_s"] / clip["paper"]["rows_per_s"] - 1.0
+        )
     return summary

@@ -7,7 +7,7 @@ it — consume it. For table-, column- and row-wise shards the TBE runs on the r
 shard, after TorchRec's input all-to-all, over the *global* batch: ids, counts and per-id sums
 are global, so N processes compute exactly what one process computes.
 
-Why this is exact: for a single-valued feature the output row of sample s is w[id_s] and the
+Why this is exact: for a single-valued feature the output row of sample s is w[id_s], and the
 gradient reaching it is s's contribution to the id's gradient row. Adding 2λ·w/cnt to each of
 an id's cnt rows adds the L2 gradient 2λw once per id; scaling each row by its id's CowClip
 factor scales the id's summed row by that factor. Multi-valued (pooled) bags would need a factor
@@ -20,22 +20,31 @@ applies the same factor. Data-parallel tables (replicated, dense kernel) see onl
 batch in their backward, so they are rewritten after the backward instead, on the all-reduced
 `.grad`, with counts all-reduced over ranks.
 
-Optionally the same hooks also *apply* the embedding optimizer, where FBGEMM cannot fuse it
+Optionally the same hooks also *apply* the embedding optimizer where FBGEMM cannot fuse it
 (Adam on CPU; Adam on data-parallel tables): the rewritten per-id gradient rows are handed to
 `RowAdam` after the backward, and FBGEMM's fused optimizer is a zero-LR SGD (see sharding.py).
+
+All features of a TBE that share a width are processed together (one `unique`, one
+`index_add` per group), so the per-step cost does not grow with the number of features.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import groupby
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ctrscale.errors import CtrscaleError
-from ctrscale.optim.cowclip import IdSegments, cowclip_scale, segment_ids, segment_sq_norms
+from ctrscale.optim.cowclip import cowclip_scale, segment_ids, segment_sq_norms
 from ctrscale.optim.row_adam import RowAdam
+
+MULTI_VALUED = (
+    "a sample looks up several ids in table {table}; L2, CowClip and RowAdam are exact only "
+    "for single-valued features, so multi-valued ones are refused"
+)
 
 
 @dataclass(frozen=True)
@@ -57,31 +66,29 @@ class GradientRule:
 
 
 @dataclass
-class _Feature:
-    """One feature's slice of a TBE's pooled output."""
+class _Group:
+    """Features of one TBE with the same local width, full width and clipping: processed as
+    one block. Per feature (tensors of length F_g): its bag row in the TBE's offsets, its
+    output columns, a key offset making (feature, id) keys distinct, its rows' offset in the
+    flat weight buffer, and its slot among the column-sharded tables (-1: not sharded so)."""
 
-    index: int  # position among the TBE's features (bag b of feature f is f*B + b)
-    table: str
-    col_start: int
-    col_end: int
+    tables: list[str]
+    features: Tensor
+    columns: Tensor  # [F_g, width]
+    key_offsets: Tensor
+    row_offsets: Tensor  # first global row of the feature's shard (row-wise shards)
+    flat_offsets: Tensor  # where the shard's row 0 starts in the flat weight buffer
+    column_slots: Tensor
     full_dim: int
-    column_sharded: bool
-    shard: str  # "table@row_offset,col_offset": the local shard this feature reads
+    clipped: bool
 
 
 @dataclass
 class _Tbe:
-    features: list[_Feature]
-    weights: dict[str, Tensor]  # shard key → the shard's weight rows (views into the TBE)
-    row_adam: bool  # RowAdam updates this TBE's rows (FBGEMM cannot fuse Adam for it)
-
-
-@dataclass
-class _PendingColumnNorms:
-    """Per-sample partial squared norms of column-sharded tables, reduced once per step."""
-
-    buffer: Tensor | None = None
-    filled: bool = False
+    num_features: int
+    groups: list[_Group]
+    flat_weights: Tensor | None  # the TBE's weights as one flat buffer (RowAdam only)
+    key: str
 
 
 def _lookups_with_types(sharded_ebc: nn.Module):
@@ -95,6 +102,19 @@ def _sharded_ebcs(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "_lookups") and hasattr(m, "_sharding_types")]
 
 
+def _shard_key(table) -> str:
+    offsets = table.local_metadata.shard_offsets if table.local_metadata else (0, 0)
+    return f"{table.name}@{offsets[0]},{offsets[1]}"
+
+
+def _flat_buffer(views: list[Tensor]) -> Tensor:
+    """The one storage behind a TBE's per-table weight views, as a flat tensor."""
+    storage = views[0].untyped_storage()
+    if any(v.untyped_storage().data_ptr() != storage.data_ptr() for v in views):
+        raise CtrscaleError("a TBE keeps its tables in several buffers; RowAdam cannot update it")
+    return torch.empty(0, dtype=views[0].dtype, device=views[0].device).set_(storage)
+
+
 @dataclass
 class EmbeddingGradientTransform:
     """Installs the hooks on a DistributedModelParallel model and keeps their per-step state."""
@@ -103,8 +123,11 @@ class EmbeddingGradientTransform:
     row_adam: RowAdam | None = None
     column_tables: list[str] = field(default_factory=list)  # same order on every rank
     group: dist.ProcessGroup | None = None
-    _pending: _PendingColumnNorms = field(default_factory=_PendingColumnNorms)
-    _replicated: list[tuple[_Tbe, nn.Module]] = field(default_factory=list)
+    # RowAdam's moments per local shard ("table@row,col"), shaped like the shard: checkpoints.
+    moment_shards: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    _column_norms: Tensor | None = None
+    _column_norms_reduced: bool = False
+    _replicated: list[tuple[nn.Module, bool]] = field(default_factory=list)
     _replicated_ids: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     _row_updates: list[tuple[str, Tensor, Tensor, Tensor]] = field(default_factory=list)
 
@@ -122,159 +145,180 @@ class EmbeddingGradientTransform:
         if not rule.active and row_adam is None:
             return None
         transform = cls(rule, row_adam)
-        tbes = []
-        for sebc in _sharded_ebcs(dmp):
-            for sharding_type, lookup in _lookups_with_types(sebc):
-                for emb in lookup._emb_modules:
-                    replicated = sharding_type == "data_parallel"
-                    uses_row_adam = row_adam is not None and (replicated or not fused_adam)
-                    tbe = transform._describe(emb, sharding_type, uses_row_adam)
-                    tbes.append((tbe, emb, sharding_type))
-                    if uses_row_adam:
-                        for key, weight in tbe.weights.items():
-                            row_adam.add_shard(key, weight)
-        transform.column_tables = sorted(
-            {f.table for tbe, _, _ in tbes for f in tbe.features if f.column_sharded}
-        )
-        transform.column_tables = _agree_across_ranks(transform.column_tables)
+        found = [
+            (emb, sharding_type)
+            for sebc in _sharded_ebcs(dmp)
+            for sharding_type, lookup in _lookups_with_types(sebc)
+            for emb in lookup._emb_modules
+        ]
+        column_tables = {
+            table.name
+            for emb, sharding_type in found
+            if sharding_type in ("column_wise", "table_column_wise")
+            for table in emb.config.embedding_tables
+            if rule.clips(table.name)
+        }
+        transform.column_tables = _agree_across_ranks(sorted(column_tables))
         if transform.column_tables and dist.is_initialized() and dist.get_world_size() > 1:
             # A group of its own: its one all-reduce per step must not interleave with DDP's
             # and TorchRec's collectives on the default group.
             transform.group = dist.new_group(backend=dist.get_backend())
-        for tbe, emb, sharding_type in tbes:
+        for number, (emb, sharding_type) in enumerate(found):
             if sharding_type == "data_parallel":
-                transform._replicated.append((tbe, emb))
-                emb.emb_module.register_forward_hook(
-                    transform._record_replicated_ids, with_kwargs=True
-                )
+                transform._install_replicated(emb, uses_row_adam=row_adam is not None)
             else:
-                emb.emb_module.register_forward_hook(
-                    lambda module, args, kwargs, out, tbe=tbe: transform._hook_output(
-                        tbe, kwargs, out
-                    ),
-                    with_kwargs=True,
-                )
+                uses_row_adam = row_adam is not None and not fused_adam
+                transform._install_sharded(emb, sharding_type, f"tbe{number}", uses_row_adam)
         return transform
 
-    def _describe(self, emb: nn.Module, sharding_type: str, row_adam: bool) -> _Tbe:
-        features, weights, column = [], {}, 0
+    # ---- fused shards: rewrite the pooled output's gradient before FBGEMM's backward ----
+
+    def _install_sharded(self, emb: nn.Module, sharding_type: str, key: str, row_adam: bool):
+        views = emb.emb_module.split_embedding_weights()
+        flat = _flat_buffer(views) if row_adam else None
+        if row_adam:
+            self.row_adam.add_shard(key, flat)
+            moments = self.row_adam.moments[key]
+            for table, view in zip(emb.config.embedding_tables, views, strict=True):
+                start, size = view.storage_offset(), view.numel()
+                self.moment_shards[_shard_key(table)] = tuple(
+                    m[start : start + size].view_as(view) for m in moments
+                )
         column_sharded = sharding_type in ("column_wise", "table_column_wise")
-        if sharding_type == "data_parallel":  # views whose .grad is the table's gradient
-            by_table = dict(emb.named_parameters_by_table())
-            local_weights = [by_table[t.name] for t in emb.config.embedding_tables]
-        else:
-            local_weights = emb.emb_module.split_embedding_weights()
-        for table, weight in zip(emb.config.embedding_tables, local_weights, strict=True):
-            offsets = table.local_metadata.shard_offsets if table.local_metadata else (0, 0)
-            shard = f"{table.name}@{offsets[0]},{offsets[1]}"
-            weights[shard] = weight
+        per_feature, column, key_offset = [], 0, 0
+        for table, view in zip(emb.config.embedding_tables, views, strict=True):
+            row_offset = table.local_metadata.shard_offsets[0] if table.local_metadata else 0
             for _ in table.feature_names:
-                features.append(
-                    _Feature(
-                        index=len(features),
-                        table=table.name,
-                        col_start=column,
-                        col_end=column + table.local_cols,
-                        full_dim=table.embedding_dim,
-                        column_sharded=column_sharded,
-                        shard=shard,
+                per_feature.append(
+                    (
+                        (table.local_cols, table.embedding_dim, self.rule.clips(table.name)),
+                        len(per_feature),
+                        table.name,
+                        column,
+                        key_offset - row_offset,
+                        row_offset,
+                        view.storage_offset(),
+                        self.column_tables.index(table.name)
+                        if column_sharded and self.rule.clips(table.name)
+                        else -1,
                     )
                 )
                 column += table.local_cols
-        return _Tbe(features, weights, row_adam)
-
-    # ---- fused shards: rewrite the pooled output's gradient before FBGEMM's backward ----
+                key_offset += table.local_rows
+        tbe = _Tbe(len(per_feature), _groups(per_feature), flat, key)
+        emb.emb_module.register_forward_hook(
+            lambda module, args, kwargs, out: self._hook_output(tbe, kwargs, out),
+            with_kwargs=True,
+        )
 
     def _hook_output(self, tbe: _Tbe, kwargs: dict, output: Tensor) -> None:
         if not output.requires_grad:
             return
         indices, offsets = kwargs["indices"], kwargs["offsets"]
-        batch = (offsets.numel() - 1) // len(tbe.features)
         rows = output.detach()
-        output.register_hook(
-            lambda grad: self._rewrite(tbe, indices, offsets, batch, rows, grad.clone())
-        )
+        output.register_hook(lambda grad: self._rewrite(tbe, indices, offsets, rows, grad))
 
     def _rewrite(
-        self, tbe: _Tbe, indices: Tensor, offsets: Tensor, batch: int, rows: Tensor, grad: Tensor
+        self, tbe: _Tbe, indices: Tensor, offsets: Tensor, rows: Tensor, grad: Tensor
     ) -> Tensor:
-        lengths = offsets.diff()
-        column_parts = []
-        for feature in tbe.features:
-            bags = slice(feature.index * batch, (feature.index + 1) * batch)
-            bag_lengths = lengths[bags]
-            if bool((bag_lengths > 1).any()):
-                raise CtrscaleError(
-                    f"table {feature.table}: a sample looks up several ids; L2 and CowClip are "
-                    "exact only for single-valued features, so multi-valued ones are refused"
-                )
-            samples = bag_lengths.nonzero().squeeze(1)
-            ids = indices[offsets[bags][samples]]
-            cols = slice(feature.col_start, feature.col_end)
-            g, w = grad[samples, cols], rows[samples, cols]
-            segments = segment_ids(ids)
+        grad = grad.clone()
+        batch = (offsets.numel() - 1) // tbe.num_features
+        lengths = offsets.diff().view(tbe.num_features, batch)
+        deferred = []
+        for group in tbe.groups:
+            group_lengths = lengths[group.features]
+            if bool((group_lengths > 1).any()):
+                raise CtrscaleError(MULTI_VALUED.format(table=group.tables[0]))
+            slot, sample = (group_lengths == 1).nonzero(as_tuple=True)
+            ids = indices[offsets[group.features[slot] * batch + sample]]
+            segments = segment_ids(ids + group.key_offsets[slot])
+            columns = group.columns[slot]
+            where = (sample.unsqueeze(1), columns)
+            g, w = grad[where], rows[where]
             if self.rule.l2 > 0:
                 share = (2.0 * self.rule.l2) / segments.counts[segments.inverse].to(g.dtype)
                 g = g + share.unsqueeze(1) * w
-            if self.rule.clips(feature.table):
+            if group.clipped:
                 grad_sq, weight_sq = segment_sq_norms(segments, g, w)
-                if feature.column_sharded:
-                    column_parts.append((feature, samples, segments, g, grad_sq, weight_sq))
+                if bool((group.column_slots >= 0).any()):
+                    deferred.append(
+                        (tbe, group, slot, sample, segments, g, where, grad_sq, weight_sq)
+                    )
                     continue
-                factor = self._factor(feature, segments, grad_sq, weight_sq)
+                zeta = self.rule.zeta_for_dim[group.full_dim]
+                factor = cowclip_scale(grad_sq, weight_sq, segments.counts, self.rule.r, zeta)
                 g = g * factor[segments.inverse].unsqueeze(1)
-            grad[samples, cols] = g
-            self._stash_rows(tbe, feature, segments, g)
-        if column_parts:
-            self._finish_column_sharded(tbe, column_parts, grad, batch)
+            grad[where] = g
+            self._stash_rows(tbe, group, slot, segments, g)
+        if deferred:
+            self._finish_column_sharded(deferred, grad, batch)
         return grad
 
-    def _stash_rows(self, tbe: _Tbe, feature: _Feature, segments: IdSegments, g: Tensor) -> None:
-        """Keep the id's final gradient row for RowAdam, applied once the backward is done
+    def _stash_rows(self, tbe: _Tbe, group: _Group, slot: Tensor, segments, g: Tensor) -> None:
+        """Keep each id's final gradient row for RowAdam, applied once the backward is done
         (updating the weights inside the backward would race FBGEMM's own kernel)."""
-        if not tbe.row_adam:
+        if tbe.flat_weights is None:
             return
         summed = g.new_zeros(segments.unique_ids.numel(), g.shape[1])
         summed.index_add_(0, segments.inverse, g)
-        row_offset = int(feature.shard.split("@")[1].split(",")[0])
-        rows = segments.unique_ids - row_offset
-        self._row_updates.append((feature.shard, tbe.weights[feature.shard], rows, summed))
+        id_slot = torch.empty_like(segments.unique_ids).scatter_(0, segments.inverse, slot)
+        local_rows = segments.unique_ids - group.key_offsets[id_slot] - group.row_offsets[id_slot]
+        width = g.shape[1]
+        start = group.flat_offsets[id_slot] + local_rows * width
+        elements = start.unsqueeze(1) + torch.arange(width, device=start.device)
+        self._row_updates.append((tbe.key, tbe.flat_weights, elements, summed))
 
-    def _factor(self, feature: _Feature, segments, grad_sq: Tensor, weight_sq: Tensor) -> Tensor:
-        zeta = self.rule.zeta_for_dim[feature.full_dim]
-        return cowclip_scale(grad_sq, weight_sq, segments.counts, self.rule.r, zeta)
-
-    def _finish_column_sharded(self, tbe: _Tbe, parts, grad: Tensor, batch: int) -> None:
+    def _finish_column_sharded(self, deferred, grad: Tensor, batch: int) -> None:
         # Per-sample layout [table, (‖Σg‖², ‖w‖²), sample]: its shape is known on every rank
         # (the global batch), whichever shards a rank holds, so one all-reduce combines them.
-        buffer = self._column_buffer(batch, grad.device)
-        for feature, samples, segments, _, grad_sq, weight_sq in parts:
-            slot = self.column_tables.index(feature.table)
-            buffer[slot, 0, samples] += grad_sq[segments.inverse]
-            buffer[slot, 1, samples] += weight_sq[segments.inverse]
+        norms = self._column_buffer(batch, grad.device)
+        for _, group, slot, sample, segments, _, _, grad_sq, weight_sq in deferred:
+            table = group.column_slots[slot]
+            norms.index_put_(
+                (table, torch.zeros_like(sample), sample),
+                grad_sq[segments.inverse],
+                accumulate=True,
+            )
+            norms.index_put_(
+                (table, torch.ones_like(sample), sample),
+                weight_sq[segments.inverse],
+                accumulate=True,
+            )
         self._reduce_column_norms()
-        for feature, samples, segments, g, _, _ in parts:
-            slot = self.column_tables.index(feature.table)
-            counts = segments.counts[segments.inverse]
-            zeta = self.rule.zeta_for_dim[feature.full_dim]
+        for tbe, group, slot, sample, segments, g, where, _, _ in deferred:
+            table = group.column_slots[slot]
             factor = cowclip_scale(
-                buffer[slot, 0, samples], buffer[slot, 1, samples], counts, self.rule.r, zeta
+                norms[table, 0, sample],
+                norms[table, 1, sample],
+                segments.counts[segments.inverse],
+                self.rule.r,
+                self.rule.zeta_for_dim[group.full_dim],
             )
             g = g * factor.unsqueeze(1)
-            grad[samples, feature.col_start : feature.col_end] = g
-            self._stash_rows(tbe, feature, segments, g)
+            grad[where] = g
+            self._stash_rows(tbe, group, slot, segments, g)
 
     def _column_buffer(self, batch: int, device: torch.device) -> Tensor:
-        if self._pending.buffer is None:
-            self._pending.buffer = torch.zeros(len(self.column_tables), 2, batch, device=device)
-        return self._pending.buffer
+        if self._column_norms is None:
+            self._column_norms = torch.zeros(len(self.column_tables), 2, batch, device=device)
+        return self._column_norms
 
     def _reduce_column_norms(self) -> None:
         if self.group is not None:
-            dist.all_reduce(self._pending.buffer, group=self.group)
-        self._pending.filled = True
+            dist.all_reduce(self._column_norms, group=self.group)
+        self._column_norms_reduced = True
 
     # ---- data-parallel tables: rewrite the all-reduced .grad after the backward ----
+
+    def _install_replicated(self, emb: nn.Module, uses_row_adam: bool) -> None:
+        self._replicated.append((emb, uses_row_adam))
+        if uses_row_adam:
+            by_table = dict(emb.named_parameters_by_table())
+            for table in emb.config.embedding_tables:
+                key = _shard_key(table)
+                self.row_adam.add_shard(key, by_table[table.name])
+                self.moment_shards[key] = self.row_adam.moments[key]
+        emb.emb_module.register_forward_hook(self._record_replicated_ids, with_kwargs=True)
 
     def _record_replicated_ids(self, module, args, kwargs, output) -> None:
         if output.requires_grad:
@@ -282,35 +326,36 @@ class EmbeddingGradientTransform:
 
     def after_backward(self, global_rows: int, device: torch.device) -> None:
         """Per-step completion: the column-norm all-reduce for ranks that hold no column-wise
-        shard, and the rewrite of data-parallel tables' gradients."""
-        if self.column_tables and not self._pending.filled:
+        shard, the rewrite of data-parallel tables' gradients, and RowAdam's updates."""
+        if self.column_tables and not self._column_norms_reduced:
             self._column_buffer(global_rows, device)
             self._reduce_column_norms()
-        self._pending = _PendingColumnNorms()
+        self._column_norms, self._column_norms_reduced = None, False
         if self.row_adam is not None:
             self.row_adam.begin_step()
-        for (tbe, _), (indices, offsets) in zip(
+        for (emb, uses_row_adam), (indices, offsets) in zip(
             self._replicated, self._replicated_ids, strict=True
         ):
-            self._rewrite_replicated(tbe, indices, offsets)
+            self._rewrite_replicated(emb, uses_row_adam, indices, offsets)
         self._replicated_ids.clear()
-        for shard, weight, rows, grad in self._row_updates:
-            self.row_adam.update(shard, weight, rows, grad)
+        for key, weight, index, grad in self._row_updates:
+            self.row_adam.update(key, weight, index, grad)
         self._row_updates.clear()
 
     @torch.no_grad()
-    def _rewrite_replicated(self, tbe: _Tbe, indices, offsets) -> None:
-        batch = (offsets.numel() - 1) // len(tbe.features)
+    def _rewrite_replicated(self, emb: nn.Module, uses_row_adam: bool, indices, offsets) -> None:
+        # Replicated tables are small (that is why they are replicated): per-table dense work
+        # on their full gradient is what data-parallel costs anyway.
+        by_table = dict(emb.named_parameters_by_table())  # views whose .grad is the table's
+        features = [(t, f) for t in emb.config.embedding_tables for f in t.feature_names]
+        batch = (offsets.numel() - 1) // len(features)
         lengths = offsets.diff()
-        for feature in tbe.features:
-            bags = slice(feature.index * batch, (feature.index + 1) * batch)
+        for index, (table, _) in enumerate(features):
+            bags = slice(index * batch, (index + 1) * batch)
             if bool((lengths[bags] > 1).any()):
-                raise CtrscaleError(
-                    f"table {feature.table}: a sample looks up several ids; L2 and CowClip are "
-                    "exact only for single-valued features, so multi-valued ones are refused"
-                )
-            grad = tbe.weights[feature.shard].grad
-            weight = tbe.weights[feature.shard].detach()
+                raise CtrscaleError(MULTI_VALUED.format(table=table.name))
+            parameter = by_table[table.name]
+            grad, weight = parameter.grad, parameter.detach()
             local_ids = indices[offsets[bags][lengths[bags].nonzero().squeeze(1)]]
             counts = torch.bincount(local_ids, minlength=weight.shape[0]).to(weight.dtype)
             if dist.is_initialized() and dist.get_world_size() > 1:
@@ -318,19 +363,45 @@ class EmbeddingGradientTransform:
             present = counts > 0
             if self.rule.l2 > 0:
                 grad[present] += (2.0 * self.rule.l2) * weight[present]
-            if self.rule.clips(feature.table):
+            if self.rule.clips(table.name):
                 factor = cowclip_scale(
                     grad[present].square().sum(1),
                     weight[present].square().sum(1),
                     counts[present],
                     self.rule.r,
-                    self.rule.zeta_for_dim[feature.full_dim],
+                    self.rule.zeta_for_dim[table.embedding_dim],
                 )
                 grad[present] *= factor.unsqueeze(1)
-            if tbe.row_adam:
+            if uses_row_adam:
                 rows = present.nonzero().squeeze(1)
-                self._row_updates.append((feature.shard, weight, rows, grad[rows].clone()))
+                self._row_updates.append((_shard_key(table), weight, rows, grad[rows].clone()))
                 grad.zero_()  # RowAdam owns these rows; no torch optimizer may apply them again
+
+
+def _groups(per_feature: list[tuple]) -> list[_Group]:
+    """Bundle features by (local width, full width, clipped) into `_Group`s."""
+    groups = []
+    ordered = sorted(per_feature, key=lambda item: item[0])
+    for (width, full_dim, clipped), members in groupby(ordered, key=lambda item: item[0]):
+        members = list(members)
+        groups.append(
+            _Group(
+                tables=[m[2] for m in members],
+                features=_long([m[1] for m in members]),
+                columns=_long([m[3] for m in members]).unsqueeze(1) + torch.arange(width),
+                key_offsets=_long([m[4] for m in members]),
+                row_offsets=_long([m[5] for m in members]),
+                flat_offsets=_long([m[6] for m in members]),
+                column_slots=_long([m[7] for m in members]),
+                full_dim=full_dim,
+                clipped=clipped,
+            )
+        )
+    return groups
+
+
+def _long(values: list[int]) -> Tensor:
+    return torch.tensor(values, dtype=torch.int64)
 
 
 def _agree_across_ranks(names: list[str]) -> list[str]:

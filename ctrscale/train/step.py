@@ -83,7 +83,7 @@ class Trainer:
             if self.row_adam is not None:
                 tensors["row_adam"] = {
                     "step": self.row_adam.step,
-                    **sharded_like_weights(model, self.row_adam.moments),
+                    **sharded_like_weights(model, self.gradients.moment_shards),
                 }
         return tensors
 
