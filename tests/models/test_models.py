@@ -9,18 +9,13 @@ import pytest
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.embeddingbag import (
-    EmbeddingBagCollectionSharder,
-    ShardedEmbeddingBagCollection,
-)
-from torchrec.distributed.model_parallel import DistributedModelParallel, get_unwrapped_module
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+from torchrec.distributed.model_parallel import get_unwrapped_module
 
-from ctrscale.config import ModelConfig
+from ctrscale.config import DistributedConfig, EmbeddingOptimConfig, ModelConfig, OptimConfig
 from ctrscale.data.schema import DENSE_FEATURES, SPARSE_FEATURES
+from ctrscale.distributed.context import init_distributed
+from ctrscale.distributed.sharding import shard_model
 from ctrscale.errors import CtrscaleError
 from ctrscale.models import build_model
 
@@ -211,22 +206,15 @@ def test_embedding_bag_collection_shards_with_fused_optimizer(name, single_proce
     torch.manual_seed(0)
     sizes = uniform_sizes(50)
     model = build_model(small_config(name), sizes)
-    apply_optimizer_in_backward(
-        torch.optim.SGD, model.embedding_bag_collection.parameters(), {"lr": 0.1}
-    )
     tables = model.embedding_bag_collection.embedding_bag_configs()
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=1, compute_device="cpu"),
-        constraints={
-            t.name: ParameterConstraints(
-                sharding_types=["table_wise"], compute_kernels=[EmbeddingComputeKernel.FUSED.value]
-            )
-            for t in tables
-        },
+    sharded = shard_model(
+        model,
+        model.embedding_bag_collection,
+        init_distributed(DistributedConfig(device="cpu")),
+        sharding_type="table_wise",
+        optim=OptimConfig(embedding=EmbeddingOptimConfig(name="sgd", lr=0.1)),
+        local_batch_size=8,
     )
-    sharders = [EmbeddingBagCollectionSharder()]
-    plan = planner.collective_plan(model, sharders, single_process_group)
-    sharded = DistributedModelParallel(model, device=CPU, plan=plan, sharders=sharders)
     # The trainer finds the sharded EBC through the same property.
     assert isinstance(
         get_unwrapped_module(sharded).embedding_bag_collection, ShardedEmbeddingBagCollection
