@@ -26,6 +26,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from ctrscale.config import Config, DenseOptimConfig, EmbeddingOptimConfig, OptimConfig
+from ctrscale.distributed.sharding import data_parallel_table_names
 from ctrscale.optim.cowclip import zeta_from_official_bound
 from ctrscale.optim.dense import build_dense_optimizer
 from ctrscale.optim.embedding_grad import GradientRule
@@ -157,9 +158,12 @@ def build_optimizers(
             embedding_params[name] = param
         else:
             dense_params[name] = param
-    # Fused tables are exposed as parameters too, but never get a `.grad`.
-    fused = set(dmp.fused_optimizer.params)
-    replicated = {n: p for n, p in embedding_params.items() if n not in fused}
+    # Only the plan says which tables are replicated: every rank also lists the fused tables it
+    # does not hold among its parameters, and those must not get an optimizer of their own.
+    replicated_tables = set(data_parallel_table_names(dmp))
+    replicated = {
+        n: p for n, p in embedding_params.items() if n.rsplit(".", 2)[-2] in replicated_tables
+    }
 
     parts: list[tuple[str, KeyedOptimizer]] = [("embedding", dmp.fused_optimizer)]
     # Replicated tables under Adam are RowAdam's (embedding_grad.py), like the sharded ones.

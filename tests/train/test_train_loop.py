@@ -170,13 +170,17 @@ def test_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run(tiny_dataset,
 
 @pytest.mark.slow
 def test_resume_with_a_different_world_size(tiny_dataset, tmp_path):
-    """Two processes checkpoint; one process resumes (DCP re-shards the tables)."""
+    """2 processes checkpoint, 1 resumes, then 2 again: DCP re-shards the tables, and every
+    rank's optimizer state matches the checkpoint's whatever the world size."""
     overrides = tiny_overrides(tiny_dataset, **{"train.max_steps": 4})
     run_ctrscale(train_args(tmp_path / "run", overrides), nproc=2)
-    more = [*overrides, "train.max_steps=8"]
-    run_ctrscale([*train_args(tmp_path / "run", more), "--resume"])
+    run_ctrscale([*train_args(tmp_path / "run", [*overrides, "train.max_steps=8"]), "--resume"])
     assert metrics(tmp_path / "run")["steps"] == 8
     assert metrics(tmp_path / "run")["world_size"] == 1
+    more = [*overrides, "train.max_steps=10"]
+    run_ctrscale([*train_args(tmp_path / "run", more), "--resume"], nproc=2)
+    assert metrics(tmp_path / "run")["steps"] == 10
+    assert metrics(tmp_path / "run")["world_size"] == 2
 
 
 def test_evaluate_and_warm_start_reuse_a_saved_model(tiny_dataset, tmp_path):
