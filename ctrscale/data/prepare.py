@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import gzip
-import hashlib
 import os
 import re
 import shutil
@@ -37,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctrscale.data import schema
-from ctrscale.data.schema import DENSE_FEATURES, LABEL, SPARSE_FEATURES
+from ctrscale.data.schema import DENSE_FEATURES, LABEL, SPARSE_FEATURES, sha256_file
 from ctrscale.data.vocab import VOCAB_DIR, VocabCounter, Vocabulary
 from ctrscale.errors import CtrscaleError, DataError
 
@@ -550,16 +549,6 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256_and_sync(path: Path) -> str:
-    """Digest of the bytes on disk, which are also flushed so the manifest never outlives them."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(8 << 20):
-            digest.update(block)
-        os.fsync(handle.fileno())
-    return digest.hexdigest()
-
-
 class PartitionWriter:
     """Parts of one day in a hidden temp dir: exact row groups, a fixed number per file.
 
@@ -645,7 +634,7 @@ class PartitionWriter:
         self._writer = None
         entry = self.files[-1]
         entry["rows"] = self._file_rows
-        entry["sha256"] = _sha256_and_sync(self.tmp_dir / entry["path"])
+        entry["sha256"] = sha256_file(self.tmp_dir / entry["path"], sync=True)
 
 
 def _publish(tmp_dir: Path, final_dir: Path) -> None:

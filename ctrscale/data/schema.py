@@ -11,6 +11,7 @@ tables from.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -65,6 +66,18 @@ def read_metadata(dataset_dir: str | Path) -> dict[str, Any]:
     if not isinstance(sizes, dict) or set(sizes) != set(SPARSE_FEATURES):
         raise ValueError(f"{path}: 'table_sizes' must give a size for each of C1..C26")
     return meta
+
+
+def sha256_file(path: str | Path, *, sync: bool = False) -> str:
+    """Digest of a file's bytes; with `sync`, the bytes are also flushed to disk first, so a
+    manifest written after it never outlives the data it describes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(8 << 20):
+            digest.update(block)
+        if sync:
+            os.fsync(handle.fileno())
+    return digest.hexdigest()
 
 
 def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> None:

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 from ctrscale.config import RefreshConfig
 from ctrscale.data import schema
 from ctrscale.data.prepare import MANIFEST_FILE, prepare_files
+from ctrscale.data.schema import sha256_file
 from ctrscale.errors import DataError
-from ctrscale.jobs.registry import sha256_file
 
 log = logging.getLogger("ctrscale.refresh")
 

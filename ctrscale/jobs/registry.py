@@ -25,7 +25,6 @@ test can kill -9 it there deterministically; nothing else reads it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ctrscale.config import Config, save_config
-from ctrscale.data.schema import write_json_atomic
+from ctrscale.data.schema import sha256_file, write_json_atomic
 from ctrscale.errors import CtrscaleError
 
 MODELS = "models"
@@ -57,14 +56,6 @@ log = logging.getLogger("ctrscale.refresh")
 
 class RegistryError(CtrscaleError):
     """A registry entry that is not what its manifest says."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
