@@ -60,16 +60,6 @@ def cowclip_scale(
     return torch.where(clipped, threshold / safe_norm, torch.ones_like(grad_norm))
 
 
-def clip_rows(
-    grad_rows: Tensor, weight_rows: Tensor, counts: Tensor, r: float, zeta: float
-) -> Tensor:
-    """CowClip applied to full rows: `g · min(1, cnt·max(r‖w‖, ζ)/‖g‖)` for rows of shape [n, d]."""
-    scale = cowclip_scale(
-        grad_rows.square().sum(dim=1), weight_rows.square().sum(dim=1), counts, r, zeta
-    )
-    return grad_rows * scale.unsqueeze(1)
-
-
 @dataclass(frozen=True)
 class IdSegments:
     """The distinct ids of one batch of single-valued lookups and where each sample's id sits.
@@ -86,20 +76,6 @@ def segment_ids(ids: Tensor) -> IdSegments:
     """Group a single-valued feature's batch of ids (shape [B], repeats allowed) by id."""
     unique_ids, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
     return IdSegments(unique_ids, inverse, counts)
-
-
-def samples_per_id(values: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-    """Distinct ids of a multi-valued (bag) feature and how many samples contain each.
-
-    `values` holds the ids of all bags back to back and `lengths[i]` the size of bag i (the
-    jagged layout of a KeyedJaggedTensor). An id repeated inside one bag counts once, as the
-    paper counts samples, not occurrences. Returns (unique_ids, counts), sorted by id.
-    """
-    sample_index = torch.repeat_interleave(
-        torch.arange(lengths.numel(), dtype=values.dtype, device=values.device), lengths
-    )
-    sample_id_pairs = torch.unique(torch.stack((values, sample_index)), dim=1)
-    return torch.unique(sample_id_pairs[0], return_counts=True)
 
 
 def segment_sq_norms(
@@ -120,27 +96,3 @@ def segment_sq_norms(
         0, segments.inverse, weight_rows.square().sum(dim=1), reduce="amax", include_self=False
     )
     return summed_grad.square().sum(dim=1), weight_sq_norm
-
-
-def factors_from_sq_norms(
-    segments: IdSegments, grad_sq_norm: Tensor, weight_sq_norm: Tensor, r: float, zeta: float
-) -> Tensor:
-    """Each sample's clip factor (shape [B]): its id's `cowclip_scale`, gathered back per sample."""
-    per_id = cowclip_scale(grad_sq_norm, weight_sq_norm, segments.counts, r, zeta)
-    return per_id[segments.inverse]
-
-
-def per_sample_scale(
-    ids: Tensor, grad_out_rows: Tensor, weight_rows: Tensor, r: float, zeta: float
-) -> Tensor:
-    """Clip factor of every sample of one single-valued feature, for scaling output gradients.
-
-    Scaling sample i's output-gradient row by the factor of its id and letting the embedding
-    backward sum rows per id yields exactly the CowClip-clipped gradient row of every id, because
-    all samples of an id share one factor: Σ_i f·g_i = f·Σ_i g_i. This does not hold for pooled
-    multi-valued bags (one pooled row would need a different factor per id), so it is for
-    single-valued features only.
-    """
-    segments = segment_ids(ids)
-    grad_sq_norm, weight_sq_norm = segment_sq_norms(segments, grad_out_rows, weight_rows)
-    return factors_from_sq_norms(segments, grad_sq_norm, weight_sq_norm, r, zeta)

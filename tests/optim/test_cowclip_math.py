@@ -6,21 +6,54 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ctrscale.optim.cowclip import (
-    clip_rows,
+    IdSegments,
     cowclip_scale,
     cowclip_threshold,
-    factors_from_sq_norms,
-    per_sample_scale,
-    samples_per_id,
     segment_ids,
     segment_sq_norms,
     zeta_from_official_bound,
 )
 
 VOCAB, DIM, BATCH = 9, 4, 96
+
+# Conveniences over the production functions, used as the specification below.
+
+
+def clip_rows(
+    grad_rows: Tensor, weight_rows: Tensor, counts: Tensor, r: float, zeta: float
+) -> Tensor:
+    """CowClip applied to full rows: `g · min(1, cnt·max(r‖w‖, ζ)/‖g‖)` for rows of shape [n, d]."""
+    scale = cowclip_scale(
+        grad_rows.square().sum(dim=1), weight_rows.square().sum(dim=1), counts, r, zeta
+    )
+    return grad_rows * scale.unsqueeze(1)
+
+
+def factors_from_sq_norms(
+    segments: IdSegments, grad_sq_norm: Tensor, weight_sq_norm: Tensor, r: float, zeta: float
+) -> Tensor:
+    """Each sample's clip factor (shape [B]): its id's `cowclip_scale`, gathered back per sample."""
+    per_id = cowclip_scale(grad_sq_norm, weight_sq_norm, segments.counts, r, zeta)
+    return per_id[segments.inverse]
+
+
+def per_sample_scale(
+    ids: Tensor, grad_out_rows: Tensor, weight_rows: Tensor, r: float, zeta: float
+) -> Tensor:
+    """Clip factor of every sample of one single-valued feature, for scaling output gradients.
+
+    Scaling sample i's output-gradient row by the factor of its id and letting the embedding
+    backward sum rows per id yields exactly the CowClip-clipped gradient row of every id, because
+    all samples of an id share one factor: Σ_i f·g_i = f·Σ_i g_i. This does not hold for pooled
+    multi-valued bags (one pooled row would need a different factor per id), so it is for
+    single-valued features only.
+    """
+    segments = segment_ids(ids)
+    grad_sq_norm, weight_sq_norm = segment_sq_norms(segments, grad_out_rows, weight_rows)
+    return factors_from_sq_norms(segments, grad_sq_norm, weight_sq_norm, r, zeta)
 
 
 def reference_clipped_gradient(
@@ -126,29 +159,6 @@ def test_clip_rows_matches_the_per_id_reference(r, zeta, init_std, zero_rows, si
         assert clipped[rows == silenced_id].abs().sum() == 0
     if zero_rows and zeta == 0.0:
         assert clipped[torch.isin(rows, torch.tensor(zero_rows))].abs().sum() == 0
-
-
-def test_clip_rows_on_embedding_bags_counts_samples_not_occurrences():
-    torch.manual_seed(5)
-    bag_table = nn.EmbeddingBag(VOCAB, DIM, mode="sum", dtype=torch.float64)
-    head = nn.Linear(DIM, 1, dtype=torch.float64)
-    generator = torch.Generator().manual_seed(6)
-    lengths = torch.randint(0, 5, (BATCH,), generator=generator)
-    values = skewed_ids(generator, int(lengths.sum()))  # repeats inside a bag are common
-    offsets = torch.cat((torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]))
-    labels = torch.randint(0, 2, (BATCH,), generator=generator).to(torch.float64)
-    logits = head(bag_table(values, offsets)).squeeze(1)
-    nn.functional.binary_cross_entropy_with_logits(logits, labels).backward()
-
-    bags = [bag.tolist() for bag in torch.split(values, lengths.tolist())]
-    assert any(len(set(bag)) < len(bag) for bag in bags)
-    weight, weight_grad = bag_table.weight.detach(), bag_table.weight.grad
-    expected = reference_clipped_gradient(weight_grad, weight, bags, r=1.0, zeta=1e-4)
-
-    rows, counts = samples_per_id(values, lengths)
-    assert counts.tolist() == [sum(1 for bag in bags if i in bag) for i in rows.tolist()]
-    clipped = clip_rows(weight_grad[rows], weight[rows], counts, r=1.0, zeta=1e-4)
-    torch.testing.assert_close(clipped, expected[rows], rtol=1e-12, atol=0.0)
 
 
 @pytest.mark.parametrize("r", [1.0, 3.0, 10.0])
