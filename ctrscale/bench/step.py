@@ -52,12 +52,14 @@ def peak_rss_mib() -> float:
 
 def measure_one(config: Config, with_loader: bool, min_seconds: float) -> dict[str, Any]:
     """Steps of `config`'s model at `config.data.batch_size` in this process."""
+    from ctrscale.data.loader import ParquetBatchLoader
     from ctrscale.distributed.context import init_distributed
-    from ctrscale.train.loop import make_loaders
     from ctrscale.train.step import build_trainer
 
     ctx = init_distributed(config.distributed)
-    train_loader, _ = make_loaders(config, ctx)
+    train_loader = ParquetBatchLoader.from_config(
+        config.data, "train", ctx.rank, ctx.world_size, seed=config.train.seed
+    )
     trainer = build_trainer(
         config,
         ctx,

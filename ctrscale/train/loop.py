@@ -37,35 +37,22 @@ class Progress:
 
 def make_loaders(config: Config, ctx: DistContext) -> tuple[ParquetBatchLoader, ParquetBatchLoader]:
     data = config.data
-    if not data.train:
-        raise CtrscaleError("data.train is empty: give the Parquet dataset(s) to train on")
     if data.batch_size % ctx.world_size:
         raise CtrscaleError(
             f"data.batch_size={data.batch_size} must be divisible by the world size "
             f"{ctx.world_size} (each rank takes an equal slice of every global batch)"
         )
-    held_out = not data.eval
-    common = dict(rank=ctx.rank, world_size=ctx.world_size, prefetch_batches=data.prefetch_batches)
-    split = dict(holdout_fraction=data.holdout_fraction, holdout_seed=data.holdout_seed)
-    train = ParquetBatchLoader(
-        data.train,
-        data.batch_size,
-        shuffle=data.shuffle,
-        seed=config.train.seed,
-        shuffle_buffer_rows=data.shuffle_buffer_rows,
-        drop_last=data.drop_last,
-        **(dict(split="train", **split) if held_out else {}),
-        **common,
-    )
-    evaluation = ParquetBatchLoader(
-        data.train if held_out else data.eval,
-        data.eval_batch_size - data.eval_batch_size % ctx.world_size,
-        shuffle=False,
-        drop_last=False,
+    seed = config.train.seed
+    train = ParquetBatchLoader.from_config(data, "train", ctx.rank, ctx.world_size, seed=seed)
+    evaluation = ParquetBatchLoader.from_config(
+        data,
+        "eval",
+        ctx.rank,
+        ctx.world_size,
+        seed=seed,
+        batch_size=data.eval_batch_size - data.eval_batch_size % ctx.world_size,
+        # Synthetic data carries the teacher's probabilities: the eval's Bayes-optimal AUC.
         extra_columns=(TRUE_PROBABILITY,) if train.has_column(TRUE_PROBABILITY) else (),
-        table_sizes=train.table_sizes,
-        **(dict(split="holdout", **split) if held_out else {}),
-        **common,
     )
     return train, evaluation
 
