@@ -131,12 +131,29 @@ class SparseArch(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> FieldLookups:
         pooled: KeyedTensor = self.embedding_bag_collection(features)
-        fields, wide = KeyedTensor.regroup([pooled], [self._field_keys, self._first_order_keys])
+        fields, wide = self._split(pooled)
         # Column 0 of each dim-4 row is the scalar weight; columns 1..3 stay out of the graph.
         first_order = wide.view(-1, len(self._first_order_keys), FIRST_ORDER_DIM)[:, :, 0]
         return FieldLookups(
             fields.view(-1, len(self._field_keys), self._embedding_dim), first_order.sum(dim=1)
         )
+
+
+    def _split(self, pooled: KeyedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Field embeddings and first-order weights as two [B, ·] blocks.
+
+        When the pooled output already lists the field keys, then the first-order keys, in
+        order (what the EBC returns, sharded or not, in practice), the blocks are two views of
+        it; otherwise a regroup copies them into place. Splitting into 52 views and
+        concatenating them back costs two copies of the output, forward and backward.
+        """
+        keys = pooled.keys()
+        if keys == [*self._field_keys, *self._first_order_keys]:
+            width = len(self._field_keys) * self._embedding_dim
+            values = pooled.values()
+            return values[:, :width], values[:, width:]
+        fields, wide = KeyedTensor.regroup([pooled], [self._field_keys, self._first_order_keys])
+        return fields, wide
 
 
 def keras_glorot_normal_(weight: torch.Tensor) -> torch.Tensor:

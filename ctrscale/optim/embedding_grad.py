@@ -68,13 +68,14 @@ class GradientRule:
 @dataclass
 class _Group:
     """Features of one TBE with the same local width, full width and clipping: processed as
-    one block. Per feature (tensors of length F_g): its bag row in the TBE's offsets, its
-    output columns, a key offset making (feature, id) keys distinct, its rows' offset in the
-    flat weight buffer, and its slot among the column-sharded tables (-1: not sharded so)."""
+    one block. Per feature (tensors of length F_g): its bag row in the TBE's offsets, a key
+    offset making (feature, id) keys distinct, its rows' offset in the flat weight buffer, and
+    its slot among the column-sharded tables (-1: not sharded so); plus the group's output
+    columns."""
 
     tables: list[str]
     features: Tensor
-    columns: Tensor  # [F_g, width]
+    flat_columns: Tensor  # [F_g · width]: the group's block of the pooled output
     key_offsets: Tensor
     row_offsets: Tensor  # first global row of the feature's shard (row-wise shards)
     flat_offsets: Tensor  # where the shard's row 0 starts in the flat weight buffer
@@ -211,12 +212,19 @@ class EmbeddingGradientTransform:
             with_kwargs=True,
         )
 
-    def _hook_output(self, tbe: _Tbe, kwargs: dict, output: Tensor) -> None:
+    def _hook_output(self, tbe: _Tbe, kwargs: dict, output: Tensor) -> Tensor | None:
         if not output.requires_grad:
-            return
+            return None
         indices, offsets = kwargs["indices"], kwargs["offsets"]
         rows = output.detach()
+        if tbe.flat_weights is not None:
+            # RowAdam updates this TBE: FBGEMM's backward (a zero-LR SGD) would only cost time,
+            # so the output becomes a leaf — the gradient stops at the hook.
+            leaf = rows.requires_grad_()
+            leaf.register_hook(lambda grad: self._rewrite(tbe, indices, offsets, rows, grad))
+            return leaf
         output.register_hook(lambda grad: self._rewrite(tbe, indices, offsets, rows, grad))
+        return None
 
     def _rewrite(
         self, tbe: _Tbe, indices: Tensor, offsets: Tensor, rows: Tensor, grad: Tensor
@@ -232,9 +240,12 @@ class EmbeddingGradientTransform:
             slot, sample = (group_lengths == 1).nonzero(as_tuple=True)
             ids = indices[offsets[group.features[slot] * batch + sample]]
             segments = segment_ids(ids + group.key_offsets[slot])
-            columns = group.columns[slot]
-            where = (sample.unsqueeze(1), columns)
-            g, w = grad[where], rows[where]
+            # [B, F_g, width] blocks via one column gather, then whole rows per (sample, slot):
+            # far cheaper than gathering element by element with a 2-D index.
+            features = len(group.features)
+            grad_block = grad.index_select(1, group.flat_columns).view(batch, features, -1)
+            g = grad_block[sample, slot]
+            w = rows.index_select(1, group.flat_columns).view(batch, features, -1)[sample, slot]
             if self.rule.l2 > 0:
                 share = (2.0 * self.rule.l2) / segments.counts[segments.inverse].to(g.dtype)
                 g = g + share.unsqueeze(1) * w
@@ -242,17 +253,22 @@ class EmbeddingGradientTransform:
                 grad_sq, weight_sq = segment_sq_norms(segments, g, w)
                 if bool((group.column_slots >= 0).any()):
                     deferred.append(
-                        (tbe, group, slot, sample, segments, g, where, grad_sq, weight_sq)
+                        (tbe, group, slot, sample, segments, g, grad_block, grad_sq, weight_sq)
                     )
                     continue
                 zeta = self.rule.zeta_for_dim[group.full_dim]
                 factor = cowclip_scale(grad_sq, weight_sq, segments.counts, self.rule.r, zeta)
                 g = g * factor[segments.inverse].unsqueeze(1)
-            grad[where] = g
+            self._put_back(grad, group, grad_block, sample, slot, g)
             self._stash_rows(tbe, group, slot, segments, g)
         if deferred:
             self._finish_column_sharded(deferred, grad, batch)
         return grad
+
+    @staticmethod
+    def _put_back(grad, group: _Group, grad_block, sample, slot, g) -> None:
+        grad_block[sample, slot] = g
+        grad.index_copy_(1, group.flat_columns, grad_block.view(grad.shape[0], -1))
 
     def _stash_rows(self, tbe: _Tbe, group: _Group, slot: Tensor, segments, g: Tensor) -> None:
         """Keep each id's final gradient row for RowAdam, applied once the backward is done
@@ -285,7 +301,7 @@ class EmbeddingGradientTransform:
                 accumulate=True,
             )
         self._reduce_column_norms()
-        for tbe, group, slot, sample, segments, g, where, _, _ in deferred:
+        for tbe, group, slot, sample, segments, g, grad_block, _, _ in deferred:
             table = group.column_slots[slot]
             factor = cowclip_scale(
                 norms[table, 0, sample],
@@ -295,7 +311,7 @@ class EmbeddingGradientTransform:
                 self.rule.zeta_for_dim[group.full_dim],
             )
             g = g * factor.unsqueeze(1)
-            grad[where] = g
+            self._put_back(grad, group, grad_block, sample, slot, g)
             self._stash_rows(tbe, group, slot, segments, g)
 
     def _column_buffer(self, batch: int, device: torch.device) -> Tensor:
@@ -384,11 +400,12 @@ def _groups(per_feature: list[tuple]) -> list[_Group]:
     ordered = sorted(per_feature, key=lambda item: item[0])
     for (width, full_dim, clipped), members in groupby(ordered, key=lambda item: item[0]):
         members = list(members)
+        first_columns = _long([m[3] for m in members])
         groups.append(
             _Group(
                 tables=[m[2] for m in members],
                 features=_long([m[1] for m in members]),
-                columns=_long([m[3] for m in members]).unsqueeze(1) + torch.arange(width),
+                flat_columns=(first_columns.unsqueeze(1) + torch.arange(width)).flatten(),
                 key_offsets=_long([m[4] for m in members]),
                 row_offsets=_long([m[5] for m in members]),
                 flat_offsets=_long([m[6] for m in members]),
