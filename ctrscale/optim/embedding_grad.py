@@ -65,6 +65,20 @@ class GradientRule:
         return self.cowclip or self.l2 > 0
 
 
+class _GradientTap(torch.autograd.Function):
+    """Identity whose backward gives the gradient to a callback and passes nothing on."""
+
+    @staticmethod
+    def forward(ctx, output: Tensor, on_grad) -> Tensor:
+        ctx.on_grad = on_grad
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ctx.on_grad(grad)
+        return None, None
+
+
 @dataclass
 class _Group:
     """Features of one TBE with the same local width, full width and clipping: processed as
@@ -219,10 +233,10 @@ class EmbeddingGradientTransform:
         rows = output.detach()
         if tbe.flat_weights is not None:
             # RowAdam updates this TBE: FBGEMM's backward (a zero-LR SGD) would only cost time,
-            # so the output becomes a leaf — the gradient stops at the hook.
-            leaf = rows.requires_grad_()
-            leaf.register_hook(lambda grad: self._rewrite(tbe, indices, offsets, rows, grad))
-            return leaf
+            # so the gradient stops here, at a tap that hands it to the rewrite.
+            return _GradientTap.apply(
+                output, lambda grad: self._rewrite(tbe, indices, offsets, rows, grad)
+            )
         output.register_hook(lambda grad: self._rewrite(tbe, indices, offsets, rows, grad))
         return None
 
