@@ -228,6 +228,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     auc.add_argument("--out", default="runs/auc-vs-batch", help="default runs/auc-vs-batch")
     auc.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once (default 1); on CPU give each OMP_NUM_THREADS=cores/jobs",
+    )
+    auc.add_argument(
         "--keep-checkpoints",
         action="store_true",
         help="keep each finished run's final checkpoint (by default deleted to save disk)",

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from support import free_port
 
-from ctrscale.distributed.context import LAUNCHER_VARIABLES
+from ctrscale.distributed.context import child_environment
 
 
 def tiny_overrides(dataset: Path, **extra: object) -> list[str]:
@@ -33,7 +32,7 @@ def run_ctrscale(
     args: list[str], *, nproc: int = 1, check: bool = True, **popen
 ) -> subprocess.CompletedProcess:
     """`ctrscale …` in a new process; with nproc > 1 under torchrun (gloo on CPU)."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env = child_environment()
     if nproc == 1:
         command = [sys.executable, "-m", "ctrscale", *args]
     else:

@@ -11,7 +11,6 @@ its peak RSS is its own.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -137,9 +136,9 @@ def _run_child(args, base: list[str], batch_size: int, with_loader: bool) -> dic
     for override in [*base, *args.overrides]:
         command += ["--set", override]
     command += ["--with-loader"] if with_loader else []
-    from ctrscale.distributed.context import LAUNCHER_VARIABLES
+    from ctrscale.distributed.context import child_environment
 
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env = child_environment()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"bench step at batch {batch_size} failed:\n{done.stderr[-4000:]}")

@@ -25,6 +25,11 @@ LAUNCHER_VARIABLES = frozenset(
 )
 
 
+def child_environment() -> dict[str, str]:
+    """This process's environment for a child that starts its own process group."""
+    return {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
+
+
 @dataclass(frozen=True)
 class DistContext:
     rank: int

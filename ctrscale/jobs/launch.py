@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ctrscale.config import Config
-from ctrscale.distributed.context import LAUNCHER_VARIABLES
+from ctrscale.distributed.context import child_environment
 from ctrscale.train.loop import evaluate_checkpoint, train
 
 _PR_SET_PDEATHSIG = 1
@@ -41,7 +40,7 @@ def _torchrun(nproc: int, args: list[str], *, capture: bool) -> str:
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         "--nproc_per_node", str(nproc), "-m", "ctrscale", *args,
     ]  # fmt: skip
-    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
+    env = child_environment()
     done = subprocess.run(
         command,
         env=env,

@@ -4,14 +4,13 @@ check the registry's invariants."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from support import REPO_ROOT
 
-from ctrscale.distributed.context import LAUNCHER_VARIABLES
+from ctrscale.distributed.context import child_environment
 from ctrscale.jobs.partitions import partition_problem
 from ctrscale.jobs.registry import Registry
 
@@ -60,8 +59,7 @@ class Refresh:
         return args
 
     def env(self, **variables: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-        return {**env, **variables}
+        return {**child_environment(), **variables}
 
     def run(self, *when: str, **extra: object) -> Result:
         done = subprocess.run(

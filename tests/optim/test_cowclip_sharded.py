@@ -10,7 +10,7 @@ import pytest
 from optim import cowclip_reference
 from support import REPO_ROOT, free_port
 
-from ctrscale.distributed.context import LAUNCHER_VARIABLES
+from ctrscale.distributed.context import child_environment
 
 
 def check(result: dict) -> None:
@@ -34,7 +34,7 @@ def test_one_process_matches_the_formula(single_process_group, sharding, embeddi
 @pytest.mark.parametrize("sharding", SHARDINGS)
 def test_two_processes_match_the_formula(tmp_path, sharding, embedding_optimizer):
     out = tmp_path / "result.json"
-    env = {k: v for k, v in __import__("os").environ.items() if k not in LAUNCHER_VARIABLES}
+    env = child_environment()
     env["PYTHONPATH"] = f"{REPO_ROOT / 'tests'}"
     subprocess.run(
         [

@@ -4,7 +4,6 @@ world sizes, and crash-safe resume."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from runner import run_ctrscale, tiny_overrides, train_args
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from ctrscale.config import load_config
-from ctrscale.distributed.context import LAUNCHER_VARIABLES
+from ctrscale.distributed.context import child_environment
 
 
 def metrics(out: Path) -> dict:
@@ -150,7 +149,7 @@ def test_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run(tiny_dataset,
     run_ctrscale(train_args(tmp_path / "straight", overrides))
 
     crashed = tmp_path / "crashed"
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env = child_environment()
     process = subprocess.Popen(
         [sys.executable, "-m", "ctrscale", *train_args(crashed, overrides)],
         stdout=subprocess.DEVNULL,
