@@ -138,7 +138,6 @@ class SparseArch(nn.Module):
             fields.view(-1, len(self._field_keys), self._embedding_dim), first_order.sum(dim=1)
         )
 
-
     def _split(self, pooled: KeyedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Field embeddings and first-order weights as two [B, ·] blocks.
 

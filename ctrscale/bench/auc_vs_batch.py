@@ -1,0 +1,566 @@
+"""`ctrscale bench auc-vs-batch`: test AUC of one model, data set and epoch budget at every
+batch size × scaling rule × seed, as a CSV/JSON of every run, a Markdown table and a plot.
+
+A rule is a scaling rule of `optim.schedule.rule`, optionally with a dense optimizer:
+`cowclip+lamb` runs rule `cowclip` with `optim.dense.name = "lamb"`. Every run is
+`ctrscale train` in a child process of its own, not `train()` in this one: a run that crashes
+or runs out of memory costs its cell only, each run starts from a clean process (process group,
+RNG and allocator state, the memory of its tables), and the run directory is exactly what a
+user's own `ctrscale train` writes.
+
+The preset is a ctrscale config TOML plus an optional `[bench]` table (batch sizes, rules,
+seeds, and `[bench.synthetic]`: synthetic data to generate once). Layout of `--out`:
+
+    preset.toml                       the preset without [bench]: the config every run starts from
+    data/                             the [bench.synthetic] data, unless its `dir` says elsewhere
+    runs/<rule>/batch-<B>/seed-<S>/   one `ctrscale train --out` each; its metrics.json = done
+    results.csv, results.json         one row per finished run
+    results.md, results.png           mean ± std over seeds per batch size and rule
+
+Resumable: a run whose metrics.json exists is skipped, an interrupted one continues from its
+checkpoint (`--resume`) or starts again; the reports are rewritten after every run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_args
+
+import tomli_w
+import tomllib
+from pydantic import Field, ValidationError
+
+from ctrscale.config import (
+    Config,
+    ConfigError,
+    DenseOptimConfig,
+    Section,
+    config_to_toml,
+    load_config,
+)
+from ctrscale.data.schema import METADATA_FILE, read_metadata
+from ctrscale.errors import CtrscaleError
+from ctrscale.optim.scaling import SCALING_RULES
+
+DEFAULT_RULES = ("none", "sqrt", "linear", "cowclip")
+DEFAULT_MULTIPLIERS = tuple(2**k for k in range(8))  # base ×1 … ×128, as in the CowClip paper
+DENSE_OPTIMIZERS: tuple[str, ...] = get_args(DenseOptimConfig.model_fields["name"].annotation)
+# Config keys every run sets itself: a --set of one would be silently overwritten.
+PER_RUN_KEYS = {
+    "data.batch_size": "--batch-sizes",
+    "optim.schedule.rule": "--rules",
+    "train.seed": "--seeds",
+}
+CSV_COLUMNS = (
+    "batch_size", "scale", "rule", "scaling_rule", "dense_optimizer", "seed",
+    "embedding_lr", "embedding_l2", "dense_lr", "dense_warmup_steps", "cowclip",
+    "auc", "logloss", "bayes_auc", "bayes_auc_gap", "steps", "epochs",
+    "train_rows_per_s", "wall_seconds", "run_dir",
+)  # fmt: skip
+
+
+class SyntheticData(Section):
+    """Data the bench generates once with `ctrscale synth` and reuses while it matches."""
+
+    rows: int = Field(gt=0)  # per day
+    days: int = Field(default=1, gt=0)
+    seed: int = Field(default=0, ge=0)
+    cardinality_scale: float = Field(default=0.01, gt=0.0, le=1.0)
+    dir: str | None = None  # default <out>/data
+
+
+class BenchTable(Section):
+    """The preset's `[bench]` table; command-line options override it."""
+
+    batch_sizes: list[int] | None = Field(default=None, min_length=1)  # None: base ×1 … ×128
+    rules: list[str] = Field(default_factory=lambda: list(DEFAULT_RULES), min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    synthetic: SyntheticData | None = None
+
+
+@dataclass(frozen=True)
+class RuleVariant:
+    """`rule` or `rule+dense`: a scaling rule, optionally with another dense optimizer."""
+
+    name: str
+    scaling_rule: str
+    dense_optimizer: str | None
+
+    def overrides(self) -> list[str]:
+        dense = [f'optim.dense.name="{self.dense_optimizer}"'] if self.dense_optimizer else []
+        return [f'optim.schedule.rule="{self.scaling_rule}"', *dense]
+
+
+def parse_rule(name: str) -> RuleVariant:
+    rule, _, dense = name.partition("+")
+    if rule not in SCALING_RULES or (dense and dense not in DENSE_OPTIMIZERS) or name.endswith("+"):
+        raise CtrscaleError(
+            f"unknown rule {name!r}: a rule is one of {', '.join(SCALING_RULES)}, optionally "
+            f"followed by +DENSE with DENSE one of {', '.join(DENSE_OPTIMIZERS)} "
+            "(e.g. cowclip+lamb)"
+        )
+    return RuleVariant(name, rule, dense or None)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the sweep."""
+
+    batch_size: int
+    variant: RuleVariant
+    seed: int
+
+    def directory(self, out: Path) -> Path:
+        return out / "runs" / self.variant.name / f"batch-{self.batch_size}" / f"seed-{self.seed}"
+
+    def overrides(self) -> list[str]:
+        return [
+            f"data.batch_size={self.batch_size}",
+            f"train.seed={self.seed}",
+            *self.variant.overrides(),
+        ]
+
+    def label(self) -> str:
+        return f"{self.variant.name} batch {self.batch_size:,} seed {self.seed}"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    cells: list[Cell]
+    configs: dict[Cell, Config]
+    bench: BenchTable
+    preset_path: Path  # the preset without [bench], inside --out
+
+
+def read_preset(path: str | Path) -> tuple[BenchTable, dict[str, Any]]:
+    """The `[bench]` table and the rest of the preset, which is a plain ctrscale config.
+
+    [bench] is read here and removed before the config loader sees the rest: the sweep's own
+    settings are not settings of a run, and `Config` rightly rejects unknown sections.
+    """
+    path = Path(path)
+    try:
+        tree = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        bench = BenchTable.model_validate(tree.pop("bench", {}))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"bench.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"{path}: invalid [bench] table: {problems}") from None
+    return bench, tree
+
+
+def plan_sweep(args) -> Sweep:
+    """Every run's validated config, before anything is generated or trained."""
+    if args.jobs < 1:
+        raise CtrscaleError(f"--jobs must be at least 1, got {args.jobs}")
+    out = Path(args.out)
+    bench, tree = read_preset(args.config) if args.config else (BenchTable(), {})
+    for override in args.overrides:
+        key = override.partition("=")[0].strip()
+        if key in PER_RUN_KEYS:
+            raise CtrscaleError(f"--set {key}: set per run by the bench; use {PER_RUN_KEYS[key]}")
+    variants = [parse_rule(name) for name in args.rules or bench.rules]
+    seeds = args.seeds or bench.seeds
+    data_overrides = []
+    if bench.synthetic is not None:
+        if tree.get("data", {}).get("train"):
+            raise CtrscaleError(
+                "the preset sets both data.train and [bench.synthetic]: keep one of them"
+            )
+        data_overrides = [f"data.train=[{json.dumps(str(synthetic_dir(bench.synthetic, out)))}]"]
+
+    out.mkdir(parents=True, exist_ok=True)
+    preset_path = out / "preset.toml"
+    write_if_changed(preset_path, tomli_w.dumps(tree))
+    base = load_config(preset_path, [*data_overrides, *args.overrides])
+    if not base.data.train:
+        raise CtrscaleError("no data: set data.train in the preset, or add [bench.synthetic]")
+    batch_sizes = args.batch_sizes or bench.batch_sizes or default_batch_sizes(base)
+    cells = [
+        Cell(batch_size, variant, seed)
+        for seed in seeds
+        for batch_size in sorted(set(batch_sizes))
+        for variant in variants
+    ]
+    configs = {
+        cell: load_config(preset_path, [*data_overrides, *args.overrides, *cell.overrides()])
+        for cell in cells
+    }
+    return Sweep(cells, configs, bench, preset_path)
+
+
+def default_batch_sizes(config: Config) -> list[int]:
+    return [config.optim.schedule.base_batch_size * m for m in DEFAULT_MULTIPLIERS]
+
+
+def synthetic_dir(spec: SyntheticData, out: Path) -> Path:
+    return Path(spec.dir) if spec.dir else out / "data"
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def ensure_synthetic_data(spec: SyntheticData, directory: Path) -> None:
+    """Generate the data once; reuse it when it is exactly this spec, refuse anything else."""
+    from ctrscale.data.synth import generate
+
+    expected = {f"day={day}": spec.rows for day in range(spec.days)}
+    if (directory / METADATA_FILE).exists():
+        metadata = read_metadata(directory)
+        found = {
+            split: entry["rows"] for split, entry in metadata["splits"].items() if split != "all"
+        }
+        same = (
+            metadata.get("seed") == spec.seed
+            and metadata.get("cardinality_scale") == spec.cardinality_scale
+            and metadata.get("format") == "parquet"
+            and found == expected
+        )
+        if not same:
+            raise CtrscaleError(
+                f"{directory} holds other data than [bench.synthetic] asks for ({spec.days} × "
+                f"{spec.rows:,} rows, seed {spec.seed}, cardinality scale "
+                f"{spec.cardinality_scale}): delete it, or set [bench.synthetic] dir elsewhere"
+            )
+        print(f"reusing synthetic data in {directory}", flush=True)
+        return
+    print(f"generating synthetic data into {directory} …", flush=True)
+    generate(
+        directory,
+        rows_per_day=spec.rows,
+        days=spec.days,
+        seed=spec.seed,
+        cardinality_scale=spec.cardinality_scale,
+    )
+
+
+def say(line: str) -> None:
+    """One progress line in one write, so lines of runs trained at once never interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / "metrics.json").exists()
+
+
+def prepare_run_dir(cell: Cell, config: Config, run_dir: Path) -> Path:
+    """The run's config file; a finished or started run with another config is an error."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "run.toml"
+    text = config_to_toml(config)
+    if path.exists() and path.read_text() != text:
+        raise CtrscaleError(
+            f"{run_dir} was run with another config than this sweep's ({cell.label()}); "
+            "choose another --out, or delete that run directory to rerun it"
+        )
+    path.write_text(text)
+    return path
+
+
+def train_command(config_path: Path, run_dir: Path) -> list[str]:
+    from ctrscale.train.checkpoint import LATEST
+
+    resume = ["--resume"] if (run_dir / "checkpoints" / LATEST).exists() else []
+    return [
+        sys.executable, "-m", "ctrscale", "train",
+        "--config", str(config_path), "--out", str(run_dir), *resume,
+    ]  # fmt: skip
+
+
+def run_cell(cell: Cell, config_path: Path, run_dir: Path, keep_checkpoints: bool) -> bool:
+    """Train one cell in a child process (output in its train.log); True if it finished."""
+    from ctrscale.distributed.context import child_environment
+
+    command = train_command(config_path, run_dir)
+    say(f"{cell.label()}: training …")
+    env = child_environment()
+    started = time.perf_counter()
+    with open(run_dir / "train.log", "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0 or not is_finished(run_dir):
+        return False
+    timing = {"wall_seconds": time.perf_counter() - started, "resumed": "--resume" in command}
+    (run_dir / "timing.json").write_text(json.dumps(timing) + "\n")
+    if not keep_checkpoints:
+        # A finished run needs none, and a sweep would otherwise keep one model per cell.
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return True
+
+
+def finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def result_row(cell: Cell, config: Config, run_dir: Path, out: Path) -> dict[str, Any]:
+    """One CSV/JSON row from a finished run's metrics.json (and timing.json)."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    timing_path = run_dir / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+    hp = metrics["hyperparameters"]
+    row = {
+        "batch_size": cell.batch_size,
+        "scale": hp["scale"],
+        "rule": cell.variant.name,
+        "scaling_rule": hp["rule"],
+        "dense_optimizer": config.optim.dense.name,
+        "seed": cell.seed,
+        "embedding_lr": hp["embedding_lr"],
+        "embedding_l2": hp["embedding_l2"],
+        "dense_lr": hp["dense_lr"],
+        "dense_warmup_steps": hp["dense_warmup_steps"],
+        "cowclip": hp["cowclip"],
+        "auc": metrics["auc"],
+        "logloss": metrics["logloss"],
+        "bayes_auc": metrics.get("bayes_auc"),
+        "bayes_auc_gap": metrics.get("bayes_auc_gap"),
+        "steps": metrics["steps"],
+        "epochs": metrics["epochs"],
+        "train_rows_per_s": metrics["rows_per_s"],
+        "wall_seconds": timing.get("wall_seconds"),
+        "run_dir": str(run_dir.relative_to(out)),
+    }
+    return {key: finite_or_none(value) for key, value in row.items()}
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation; std is None below two values (it is unknown)."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarize(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± std over seeds for each (batch size, rule), in batch-size then first-seen order."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["batch_size"], row["rule"]), []).append(row)
+    summary = []
+    for (batch_size, rule), members in sorted(groups.items(), key=lambda item: item[0][0]):
+
+        def present(key: str, members=members) -> list[float]:
+            return [m[key] for m in members if m[key] is not None]
+
+        auc_mean, auc_std = mean_std(present("auc"))
+        logloss_mean, logloss_std = mean_std(present("logloss"))
+        summary.append(
+            {
+                "batch_size": batch_size,
+                "rule": rule,
+                "seeds": sorted(m["seed"] for m in members),
+                "auc_mean": auc_mean,
+                "auc_std": auc_std,
+                "logloss_mean": logloss_mean,
+                "logloss_std": logloss_std,
+                "bayes_auc": mean_std(present("bayes_auc"))[0],
+                "bayes_auc_gap_mean": mean_std(present("bayes_auc_gap"))[0],
+                "steps": members[0]["steps"],
+                "train_rows_per_s_mean": mean_std(present("train_rows_per_s"))[0],
+                "wall_seconds_mean": mean_std(present("wall_seconds"))[0],
+            }
+        )
+    return summary
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def percent(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "—"
+    return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+
+
+def markdown_table(
+    summary: list[dict[str, Any]], rules: list[str], batch_sizes: list[int], base: int
+) -> str:
+    """Rows: batch sizes; columns: rules (mean ± std test AUC, %), then the Bayes AUC;
+    then the change of each rule's mean AUC from its own smallest batch, in points."""
+    by_cell = {(s["batch_size"], s["rule"]): s for s in summary}
+    bayes = {s["batch_size"]: s["bayes_auc"] for s in summary if s["bayes_auc"] is not None}
+    steps = {s["batch_size"]: s["steps"] for s in summary}
+    header = ["batch", "× base", "steps", *rules, "Bayes AUC"]
+    lines = [
+        "Test AUC (%), mean ± std over seeds",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" for _ in header) + "|",
+    ]
+    for batch_size in batch_sizes:
+        cells = [by_cell.get((batch_size, rule), {}) for rule in rules]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"{batch_size:,}",
+                    f"×{batch_size / base:g}",
+                    str(steps.get(batch_size, "—")),
+                    *(percent(c.get("auc_mean"), c.get("auc_std")) for c in cells),
+                    percent(bayes.get(batch_size), None),
+                ]
+            )
+            + " |"
+        )
+    smallest = min(batch_sizes)
+    lines += [
+        "",
+        f"Change of mean test AUC from batch {smallest:,} (percentage points)",
+        "",
+        "| batch | " + " | ".join(rules) + " |",
+        "|" + "|".join("---:" for _ in range(len(rules) + 1)) + "|",
+    ]
+    for batch_size in batch_sizes:
+        changes = []
+        for rule in rules:
+            start = by_cell.get((smallest, rule), {}).get("auc_mean")
+            now = by_cell.get((batch_size, rule), {}).get("auc_mean")
+            changes.append("—" if start is None or now is None else f"{100 * (now - start):+.2f}")
+        lines.append(f"| {batch_size:,} | " + " | ".join(changes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(
+    path: Path,
+    summary: list[dict[str, Any]],
+    rules: list[str],
+    batch_sizes: list[int],
+    seeds: int,
+) -> None:
+    """AUC versus batch size (log2 axis), one line per rule with ±std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and in tests
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7.5, 4.8))
+    for rule in rules:
+        points = [s for s in summary if s["rule"] == rule and s["auc_mean"] is not None]
+        if points:
+            axes.errorbar(
+                [p["batch_size"] for p in points],
+                [p["auc_mean"] for p in points],
+                yerr=[p["auc_std"] or 0.0 for p in points],
+                marker="o",
+                capsize=3,
+                label=rule,
+            )
+    bayes = [s["bayes_auc"] for s in summary if s["bayes_auc"] is not None]
+    if bayes:
+        axes.axhline(statistics.fmean(bayes), color="black", linestyle="--", label="Bayes-optimal")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(batch_sizes, [f"{b:,}" for b in batch_sizes], rotation=30)
+    axes.minorticks_off()
+    axes.set_xlabel("batch size")
+    axes.set_ylabel("test AUC")
+    axes.set_title(f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_reports(out: Path, sweep: Sweep, rows: list[dict[str, Any]], failed: list[str]) -> str:
+    rules = list(dict.fromkeys(cell.variant.name for cell in sweep.cells))
+    batch_sizes = sorted({cell.batch_size for cell in sweep.cells})
+    base = sweep.configs[sweep.cells[0]].optim.schedule.base_batch_size
+    summary = summarize(rows)
+    payload = {
+        "command": sys.argv,
+        "preset": str(sweep.preset_path),
+        "batch_sizes": batch_sizes,
+        "base_batch_size": base,
+        "rules": rules,
+        "seeds": sorted({cell.seed for cell in sweep.cells}),
+        "synthetic": None if sweep.bench.synthetic is None else sweep.bench.synthetic.model_dump(),
+        "runs": rows,
+        "summary": summary,
+        "failed": failed,
+    }
+    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_csv(out / "results.csv", rows)
+    table = markdown_table(summary, rules, batch_sizes, base)
+    (out / "results.md").write_text(table)
+    plot(out / "results.png", summary, rules, batch_sizes, len(payload["seeds"]))
+    return table
+
+
+def run_cli(args) -> int:
+    sweep = plan_sweep(args)
+    out = Path(args.out)
+    if (synthetic := sweep.bench.synthetic) is not None:
+        ensure_synthetic_data(synthetic, synthetic_dir(synthetic, out))
+    rows: dict[Cell, dict[str, Any]] = {}
+    failed: list[Cell] = []
+
+    def report(cell: Cell, message: str) -> None:
+        done = len(rows) + len(failed)
+        say(f"[{done}/{len(sweep.cells)}] {cell.label()}: {message}")
+        ordered = [rows[c] for c in sweep.cells if c in rows]
+        write_reports(out, sweep, ordered, [c.label() for c in failed])
+
+    # Every run directory is checked against its config before any run starts.
+    config_paths = {
+        cell: prepare_run_dir(cell, sweep.configs[cell], cell.directory(out))
+        for cell in sweep.cells
+    }
+    to_train = []
+    for cell in sweep.cells:
+        if is_finished(cell.directory(out)):
+            rows[cell] = result_row(cell, sweep.configs[cell], cell.directory(out), out)
+            report(cell, "finished earlier, skipped")
+        else:
+            to_train.append(cell)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        running = {}
+        for cell in to_train:
+            future = pool.submit(
+                run_cell, cell, config_paths[cell], cell.directory(out), args.keep_checkpoints
+            )
+            running[future] = cell
+        for future in as_completed(running):
+            cell = running[future]
+            if future.result():
+                rows[cell] = result_row(cell, sweep.configs[cell], cell.directory(out), out)
+                report(cell, describe(rows[cell]))
+            else:
+                failed.append(cell)
+                report(cell, f"FAILED, see {cell.directory(out) / 'train.log'}")
+    print((out / "results.md").read_text())
+    print(f"results in {out}/results.{{csv,json,md,png}}")
+    if failed:
+        print(f"{len(failed)} run(s) failed; rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def describe(row: dict[str, Any]) -> str:
+    bayes = "" if row["bayes_auc"] is None else f" (Bayes {row['bayes_auc']:.5f})"
+    wall = "" if row["wall_seconds"] is None else f", {row['wall_seconds']:.0f} s"
+    auc = "n/a" if row["auc"] is None else f"{row['auc']:.5f}"
+    return f"AUC {auc}{bayes}, {row['steps']} steps{wall}"

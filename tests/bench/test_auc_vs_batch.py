@@ -1,0 +1,189 @@
+"""`ctrscale bench auc-vs-batch`: rule parsing, aggregation over seeds, refusals, and sweeps
+end to end (the quick preset; a small sweep run twice to check that finished runs are skipped).
+
+Nothing here asserts which rule wins: the quick preset is far too small for that."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+from runner import run_ctrscale
+from support import REPO_ROOT
+
+from ctrscale import cli
+from ctrscale.bench.auc_vs_batch import mean_std, parse_rule, summarize
+from ctrscale.errors import CtrscaleError
+
+QUICK = REPO_ROOT / "pipelines" / "quick.toml"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# A model can beat the Bayes-optimal AUC of a finite test split only by sampling luck; on the
+# quick preset's 6,000 test rows that luck stays well below one point.
+BAYES_TOLERANCE = 0.01
+
+
+def bench_args(out: Path, *extra: str) -> list[str]:
+    return ["bench", "auc-vs-batch", "--config", str(QUICK), "--out", str(out), *extra]
+
+
+def read_results(out: Path) -> tuple[list[dict[str, str]], dict]:
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return rows, json.loads((out / "results.json").read_text())
+
+
+def assert_csv_matches_json(csv_rows: list[dict[str, str]], json_rows: list[dict]) -> None:
+    assert len(csv_rows) == len(json_rows)
+    for from_csv, from_json in zip(csv_rows, json_rows, strict=True):
+        assert set(from_csv) == set(from_json)
+        for key, value in from_json.items():
+            if isinstance(value, float):
+                assert float(from_csv[key]) == pytest.approx(value, rel=1e-12), key
+            else:
+                assert from_csv[key] == str(value), key
+
+
+@pytest.mark.parametrize(
+    ("name", "scaling_rule", "dense"),
+    [
+        ("cowclip", "cowclip", None),
+        ("cowclip+lamb", "cowclip", "lamb"),
+        ("sqrt+lars", "sqrt", "lars"),
+    ],
+)
+def test_rule_names_split_into_scaling_rule_and_dense_optimizer(name, scaling_rule, dense):
+    variant = parse_rule(name)
+    assert (variant.name, variant.scaling_rule, variant.dense_optimizer) == (
+        name,
+        scaling_rule,
+        dense,
+    )
+    expected = [f'optim.schedule.rule="{scaling_rule}"']
+    expected += [f'optim.dense.name="{dense}"'] if dense else []
+    assert variant.overrides() == expected
+
+
+@pytest.mark.parametrize("name", ["bogus", "cowclip+rmsprop", "cowclip+", "+lamb", "Cowclip"])
+def test_unknown_rules_are_refused_naming_the_valid_ones(name):
+    with pytest.raises(CtrscaleError) as raised:
+        parse_rule(name)
+    message = str(raised.value)
+    assert repr(name) in message
+    for valid in ("none", "linear", "sqrt", "cowclip", "adam", "lamb", "lars"):
+        assert valid in message
+
+
+def test_cli_refuses_an_unknown_rule_before_doing_any_work(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert cli.main(bench_args(out, "--rules", "cowclip", "cowclip+adagrad")) == 1
+    error = capsys.readouterr().err
+    assert "unknown rule 'cowclip+adagrad'" in error
+    assert "none, linear, sqrt, cowclip" in error and "lamb, lars" in error
+    assert not (out / "data").exists() and not (out / "runs").exists()
+
+
+def test_cli_refuses_a_set_of_what_each_run_sets_itself(tmp_path, capsys):
+    assert cli.main(bench_args(tmp_path / "sweep", "--set", "data.batch_size=4096")) == 1
+    assert "--batch-sizes" in capsys.readouterr().err
+
+
+def test_an_unknown_bench_key_is_an_error_naming_it(tmp_path, capsys):
+    preset = tmp_path / "preset.toml"
+    preset.write_text(QUICK.read_text().replace("seeds = [0]", "seed = [0]"))
+    args = ["bench", "auc-vs-batch", "--config", str(preset), "--out", str(tmp_path / "sweep")]
+    assert cli.main(args) == 1
+    assert "bench.seed" in capsys.readouterr().err
+
+
+def test_mean_and_sample_std_over_seeds():
+    assert mean_std([0.70, 0.72]) == pytest.approx((0.71, math.sqrt(2) * 0.01))  # n - 1
+    assert mean_std([0.7]) == (0.7, None)  # one seed: the spread is unknown, not zero
+    assert mean_std([]) == (None, None)
+
+
+def test_summary_groups_runs_by_batch_size_and_rule():
+    def run(batch_size, rule, seed, auc):
+        return {
+            "batch_size": batch_size, "rule": rule, "seed": seed, "auc": auc, "logloss": 0.45,
+            "bayes_auc": 0.8, "bayes_auc_gap": None if auc is None else 0.8 - auc,
+            "steps": 10, "train_rows_per_s": 1000.0, "wall_seconds": None,
+        }  # fmt: skip
+
+    runs = [
+        run(2048, "none", 0, 0.74),
+        run(1024, "cowclip", 1, 0.76),
+        run(1024, "cowclip", 0, 0.78),
+        run(2048, "none", 1, None),  # a diverged run's AUC is missing, not averaged as NaN
+    ]
+    summary = summarize(runs)
+    assert [(s["batch_size"], s["rule"]) for s in summary] == [(1024, "cowclip"), (2048, "none")]
+    cowclip, none = summary
+    assert cowclip["seeds"] == [0, 1] and cowclip["auc_mean"] == pytest.approx(0.77)
+    assert cowclip["auc_std"] == pytest.approx(math.sqrt(2) * 0.01)
+    assert none["auc_mean"] == pytest.approx(0.74) and none["auc_std"] is None
+    assert none["wall_seconds_mean"] is None
+
+
+def test_second_invocation_skips_finished_runs_and_reruns_a_crashed_one(tmp_path):
+    """Two short runs (one with a dense-optimizer variant, both at once), then the same command
+    again: nothing retrains; after one run loses its metrics.json (as if killed) only it does."""
+    out = tmp_path / "sweep"
+    args = bench_args(
+        out, "--batch-sizes", "2048", "--rules", "none", "sqrt+lamb", "--set", "train.epochs=1"
+    )
+    first = run_ctrscale([*args, "--jobs", "2"])
+    assert first.stdout.count("training …") == 2
+    rows, results = read_results(out)
+    assert [(r["rule"], r["scaling_rule"], r["dense_optimizer"]) for r in rows] == [
+        ("none", "none", "adam"),
+        ("sqrt+lamb", "sqrt", "lamb"),
+    ]
+    metrics = {r["rule"]: out / r["run_dir"] / "metrics.json" for r in rows}
+    stamps = {rule: path.stat().st_mtime_ns for rule, path in metrics.items()}
+
+    second = run_ctrscale(args)
+    assert "training …" not in second.stdout
+    assert second.stdout.count("finished earlier, skipped") == 2
+    assert {rule: path.stat().st_mtime_ns for rule, path in metrics.items()} == stamps
+    assert read_results(out)[1]["runs"] == results["runs"]
+
+    metrics["sqrt+lamb"].unlink()
+    third = run_ctrscale(args)
+    assert third.stdout.count("training …") == 1 and "sqrt+lamb batch 2,048" in third.stdout
+    assert metrics["none"].stat().st_mtime_ns == stamps["none"]
+    assert len(read_results(out)[0]) == 2
+
+
+@pytest.mark.slow
+def test_quick_preset_produces_every_run_and_sane_reports(tmp_path):
+    out = tmp_path / "quick"
+    run_ctrscale(bench_args(out))
+    csv_rows, results = read_results(out)
+    batch_sizes, rules = results["batch_sizes"], results["rules"]
+    assert rules == ["none", "sqrt", "linear", "cowclip"] and len(batch_sizes) == 3
+    assert results["failed"] == []
+    cells = {(int(r["batch_size"]), r["rule"]) for r in csv_rows}
+    assert cells == {(b, r) for b in batch_sizes for r in rules} and len(csv_rows) == len(cells)
+    assert_csv_matches_json(csv_rows, results["runs"])
+
+    train_rows = 54_000  # 60,000 generated, about 10% held out (a hash split)
+    for run in results["runs"]:
+        assert 0.5 < run["auc"] <= 1.0
+        assert run["auc"] <= run["bayes_auc"] + BAYES_TOLERANCE
+        assert run["bayes_auc_gap"] == pytest.approx(run["bayes_auc"] - run["auc"])
+        assert run["steps"] == pytest.approx(2 * train_rows / run["batch_size"], rel=0.03)
+        assert run["scale"] == run["batch_size"] / batch_sizes[0]
+        assert run["wall_seconds"] > 0 and run["train_rows_per_s"] > 0
+    bayes = {run["bayes_auc"] for run in results["runs"]}
+    assert len(bayes) == 1  # every run is scored on the same test rows
+
+    table = (out / "results.md").read_text().splitlines()
+    header = next(line for line in table if line.startswith("| batch | × base"))
+    assert [cell.strip() for cell in header.strip("|").split("|")][3:] == [*rules, "Bayes AUC"]
+    for batch_size in batch_sizes:
+        assert any(line.startswith(f"| {batch_size:,} | ×") for line in table)
+    png = (out / "results.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
