@@ -11,7 +11,7 @@ Layout of a registry directory R (dates are YYYY-MM-DD):
     R/latest                the date of the model to serve and warm-start from (atomic replace)
     R/publishing            journal of a publish in progress: the date being published
     R/rejected/<date>/      metrics.json + config.toml of a candidate the gate turned down
-    R/work/<date>/          the date's training run; a rerun after a crash resumes from it
+    R / work / <date>       the date's training run; a rerun after a crash resumes from it
     R/.lock                 see lock.py
 
 Publishing is crash-safe: the model is assembled in a hidden `models/.tmp-<date>-…` directory,
