@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, get_args
 
 import tomli_w
-import tomllib
 from pydantic import Field, ValidationError
 
 from ctrscale.config import (
@@ -48,6 +47,7 @@ from ctrscale.config import (
     Section,
     config_to_toml,
     load_config,
+    read_toml,
 )
 from ctrscale.data.schema import METADATA_FILE, read_metadata
 from ctrscale.errors import CtrscaleError
@@ -149,13 +149,7 @@ def read_preset(path: str | Path) -> tuple[BenchTable, dict[str, Any]]:
     [bench] is read here and removed before the config loader sees the rest: the sweep's own
     settings are not settings of a run, and `Config` rightly rejects unknown sections.
     """
-    path = Path(path)
-    try:
-        tree = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    tree = read_toml(path)
     try:
         bench = BenchTable.model_validate(tree.pop("bench", {}))
     except ValidationError as exc:
