@@ -64,35 +64,32 @@ def cowclip_scale(
 class IdSegments:
     """The distinct ids of one batch of single-valued lookups and where each sample's id sits.
 
-    `unique_ids[inverse[i]]` is sample i's id; `counts[k]` is how many samples hold `unique_ids[k]`.
+    `unique_ids[inverse[i]]` is sample i's id; `counts[k]` is how many samples hold
+    `unique_ids[k]`; `representative[k]` is one of those samples (they all look up the same row).
     """
 
     unique_ids: Tensor
     inverse: Tensor
     counts: Tensor
+    representative: Tensor
 
 
 def segment_ids(ids: Tensor) -> IdSegments:
     """Group a single-valued feature's batch of ids (shape [B], repeats allowed) by id."""
     unique_ids, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
-    return IdSegments(unique_ids, inverse, counts)
+    # Which sample a scatter with repeated targets keeps is unspecified, and irrelevant here.
+    samples = torch.arange(ids.numel(), device=ids.device)
+    representative = torch.empty_like(unique_ids).scatter_(0, inverse, samples)
+    return IdSegments(unique_ids, inverse, counts, representative)
 
 
-def segment_sq_norms(
-    segments: IdSegments, grad_out_rows: Tensor, weight_rows: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Per-id squared norms (‖Σ_samples g‖², ‖w‖²) of the columns this caller holds.
+def segment_sums(segments: IdSegments, rows: Tensor) -> Tensor:
+    """Per-id sums [n_ids, d] of per-sample rows [B, d]: an id's gradient row from the
+    gradients reaching its samples' lookup outputs.
 
-    `grad_out_rows` [B, d] are the per-sample gradients reaching the lookup output and
-    `weight_rows` [B, d] the looked-up rows (one per sample). For column-wise sharded tables each
-    shard passes its own columns and sums the returned partial squared norms over shards.
+    The squared norms CowClip needs are `.square().sum(1)` of this and of the weight rows at
+    `segments.representative`; for column-wise sharded tables each shard passes its own
+    columns and the partial squared norms are summed over the shards.
     """
-    num_ids = segments.unique_ids.numel()
-    summed_grad = grad_out_rows.new_zeros(num_ids, grad_out_rows.shape[1])
-    summed_grad.index_add_(0, segments.inverse, grad_out_rows)
-    # Every sample of an id carries the same row, so any of them gives the id's norm; amax is
-    # a deterministic way to pick one.
-    weight_sq_norm = weight_rows.new_zeros(num_ids).scatter_reduce_(
-        0, segments.inverse, weight_rows.square().sum(dim=1), reduce="amax", include_self=False
-    )
-    return summed_grad.square().sum(dim=1), weight_sq_norm
+    summed = rows.new_zeros(segments.unique_ids.numel(), rows.shape[1])
+    return summed.index_add_(0, segments.inverse, rows)

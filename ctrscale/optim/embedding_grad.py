@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ctrscale.errors import CtrscaleError
-from ctrscale.optim.cowclip import cowclip_scale, segment_ids, segment_sq_norms
+from ctrscale.optim.cowclip import IdSegments, cowclip_scale, segment_ids, segment_sums
 from ctrscale.optim.row_adam import RowAdam
 
 MULTI_VALUED = (
@@ -104,6 +104,43 @@ class _Tbe:
     groups: list[_Group]
     flat_weights: Tensor | None  # the TBE's weights as one flat buffer (RowAdam only)
     key: str
+
+
+@dataclass
+class _Lookups:
+    """One group's single-valued lookups in a batch: n (slot, sample) pairs with their ids,
+    the gradient rows reaching them [n, width], and each distinct id's weight row [ids, width]."""
+
+    slot: Tensor
+    sample: Tensor
+    segments: IdSegments
+    grad: Tensor
+    weight: Tensor
+
+
+def _group_lookups(
+    group: _Group,
+    indices: Tensor,
+    offsets: Tensor,
+    lengths: Tensor,
+    rows: Tensor,
+    grad: Tensor,
+    batch: int,
+) -> _Lookups:
+    group_lengths = lengths[group.features]
+    if bool((group_lengths > 1).any()):
+        raise CtrscaleError(MULTI_VALUED.format(table=group.tables[0]))
+    slot, sample = (group_lengths == 1).nonzero(as_tuple=True)
+    ids = indices[offsets[group.features[slot] * batch + sample]]
+    segments = segment_ids(ids + group.key_offsets[slot])
+    # [B, F_g, width] blocks via one column gather, then whole rows per (sample, slot): far
+    # cheaper than gathering element by element with a 2-D index.
+    features = len(group.features)
+    per_sample = grad.index_select(1, group.flat_columns).view(batch, features, -1)[sample, slot]
+    at = segments.representative
+    columns = group.flat_columns.view(features, -1)[slot[at]]
+    weight = rows[sample[at].unsqueeze(1), columns]  # the pooled output row of one lookup = w
+    return _Lookups(slot, sample, segments, per_sample, weight)
 
 
 def _lookups_with_types(sharded_ebc: nn.Module):
@@ -189,6 +226,8 @@ class EmbeddingGradientTransform:
     # ---- fused shards: rewrite the pooled output's gradient before FBGEMM's backward ----
 
     def _install_sharded(self, emb: nn.Module, sharding_type: str, key: str, row_adam: bool):
+        if not row_adam and not self.rule.active:
+            return  # FBGEMM's fused Adam takes the gradient as it is
         views = emb.emb_module.split_embedding_weights()
         flat = _flat_buffer(views) if row_adam else None
         if row_adam:
@@ -242,91 +281,98 @@ class EmbeddingGradientTransform:
 
     def _rewrite(
         self, tbe: _Tbe, indices: Tensor, offsets: Tensor, rows: Tensor, grad: Tensor
-    ) -> Tensor:
-        grad = grad.clone()
+    ) -> Tensor | None:
+        # Under RowAdam's tap only the per-id rows are needed; otherwise FBGEMM's backward gets
+        # per-sample rows whose per-id sums are the rewritten gradient rows.
+        rewritten = None if tbe.flat_weights is not None else grad.clone()
         batch = (offsets.numel() - 1) // tbe.num_features
         lengths = offsets.diff().view(tbe.num_features, batch)
         deferred = []
         for group in tbe.groups:
-            group_lengths = lengths[group.features]
-            if bool((group_lengths > 1).any()):
-                raise CtrscaleError(MULTI_VALUED.format(table=group.tables[0]))
-            slot, sample = (group_lengths == 1).nonzero(as_tuple=True)
-            ids = indices[offsets[group.features[slot] * batch + sample]]
-            segments = segment_ids(ids + group.key_offsets[slot])
-            # [B, F_g, width] blocks via one column gather, then whole rows per (sample, slot):
-            # far cheaper than gathering element by element with a 2-D index.
-            features = len(group.features)
-            grad_block = grad.index_select(1, group.flat_columns).view(batch, features, -1)
-            g = grad_block[sample, slot]
-            w = rows.index_select(1, group.flat_columns).view(batch, features, -1)[sample, slot]
-            if self.rule.l2 > 0:
-                share = (2.0 * self.rule.l2) / segments.counts[segments.inverse].to(g.dtype)
-                g = g + share.unsqueeze(1) * w
+            lookups = _group_lookups(group, indices, offsets, lengths, rows, grad, batch)
+            # The per-id sum is the gradient row CowClip clips and RowAdam applies; the L2
+            # gradient 2λw is added once per id, and every later step is O(ids), not O(samples).
+            summed = None
+            if group.clipped or rewritten is None:
+                summed = segment_sums(lookups.segments, lookups.grad)
+                if self.rule.l2 > 0:
+                    summed.add_(lookups.weight, alpha=2.0 * self.rule.l2)
+            factor = None
             if group.clipped:
-                grad_sq, weight_sq = segment_sq_norms(segments, g, w)
+                grad_sq, weight_sq = summed.square().sum(1), lookups.weight.square().sum(1)
                 if bool((group.column_slots >= 0).any()):
-                    deferred.append(
-                        (tbe, group, slot, sample, segments, g, grad_block, grad_sq, weight_sq)
-                    )
+                    deferred.append((tbe, group, lookups, summed, grad_sq, weight_sq))
                     continue
                 zeta = self.rule.zeta_for_dim[group.full_dim]
-                factor = cowclip_scale(grad_sq, weight_sq, segments.counts, self.rule.r, zeta)
-                g = g * factor[segments.inverse].unsqueeze(1)
-            self._put_back(grad, group, grad_block, sample, slot, g)
-            self._stash_rows(tbe, group, slot, segments, g)
+                factor = cowclip_scale(
+                    grad_sq, weight_sq, lookups.segments.counts, self.rule.r, zeta
+                )
+            self._apply(tbe, group, lookups, summed, factor, rewritten, batch)
         if deferred:
-            self._finish_column_sharded(deferred, grad, batch)
-        return grad
+            self._finish_column_sharded(deferred, rewritten, batch, grad.device)
+        return rewritten
 
-    @staticmethod
-    def _put_back(grad, group: _Group, grad_block, sample, slot, g) -> None:
-        grad_block[sample, slot] = g
-        grad.index_copy_(1, group.flat_columns, grad_block.view(grad.shape[0], -1))
+    def _apply(
+        self,
+        tbe: _Tbe,
+        group: _Group,
+        lookups: _Lookups,
+        summed: Tensor | None,
+        factor: Tensor | None,
+        rewritten: Tensor | None,
+        batch: int,
+    ) -> None:
+        if rewritten is None:
+            self._stash_rows(
+                tbe, group, lookups, summed if factor is None else summed * factor[:, None]
+            )
+            return
+        segments = lookups.segments
+        per_sample = lookups.grad
+        if self.rule.l2 > 0:
+            share = (2.0 * self.rule.l2) / segments.counts.to(per_sample.dtype)
+            per_sample = per_sample + (share.unsqueeze(1) * lookups.weight)[segments.inverse]
+        if factor is not None:
+            per_sample = per_sample * factor[segments.inverse].unsqueeze(1)
+        block = rewritten.index_select(1, group.flat_columns).view(batch, len(group.features), -1)
+        block[lookups.sample, lookups.slot] = per_sample
+        rewritten.index_copy_(1, group.flat_columns, block.view(batch, -1))
 
-    def _stash_rows(self, tbe: _Tbe, group: _Group, slot: Tensor, segments, g: Tensor) -> None:
+    def _stash_rows(self, tbe: _Tbe, group: _Group, lookups: _Lookups, summed: Tensor) -> None:
         """Keep each id's final gradient row for RowAdam, applied once the backward is done
         (updating the weights inside the backward would race FBGEMM's own kernel)."""
-        if tbe.flat_weights is None:
-            return
-        summed = g.new_zeros(segments.unique_ids.numel(), g.shape[1])
-        summed.index_add_(0, segments.inverse, g)
-        id_slot = torch.empty_like(segments.unique_ids).scatter_(0, segments.inverse, slot)
+        segments = lookups.segments
+        id_slot = lookups.slot[segments.representative]
         local_rows = segments.unique_ids - group.key_offsets[id_slot] - group.row_offsets[id_slot]
-        width = g.shape[1]
+        width = summed.shape[1]
         start = group.flat_offsets[id_slot] + local_rows * width
         elements = start.unsqueeze(1) + torch.arange(width, device=start.device)
         self._row_updates.append((tbe.key, tbe.flat_weights, elements, summed))
 
-    def _finish_column_sharded(self, deferred, grad: Tensor, batch: int) -> None:
+    def _finish_column_sharded(
+        self, deferred, rewritten: Tensor | None, batch: int, device: torch.device
+    ) -> None:
         # Per-sample layout [table, (‖Σg‖², ‖w‖²), sample]: its shape is known on every rank
         # (the global batch), whichever shards a rank holds, so one all-reduce combines them.
-        norms = self._column_buffer(batch, grad.device)
-        for _, group, slot, sample, segments, _, _, grad_sq, weight_sq in deferred:
-            table = group.column_slots[slot]
-            norms.index_put_(
-                (table, torch.zeros_like(sample), sample),
-                grad_sq[segments.inverse],
-                accumulate=True,
-            )
-            norms.index_put_(
-                (table, torch.ones_like(sample), sample),
-                weight_sq[segments.inverse],
-                accumulate=True,
-            )
+        norms = self._column_buffer(batch, device)
+        for _, group, lookups, _, grad_sq, weight_sq in deferred:
+            table, inverse = group.column_slots[lookups.slot], lookups.segments.inverse
+            first, second = torch.zeros_like(table), torch.ones_like(table)
+            norms.index_put_((table, first, lookups.sample), grad_sq[inverse], accumulate=True)
+            norms.index_put_((table, second, lookups.sample), weight_sq[inverse], accumulate=True)
         self._reduce_column_norms()
-        for tbe, group, slot, sample, segments, g, grad_block, _, _ in deferred:
-            table = group.column_slots[slot]
+        for tbe, group, lookups, summed, _, _ in deferred:
+            # Every sample of an id now holds the id's full norms; read them at one sample.
+            at = lookups.segments.representative
+            table, sample = group.column_slots[lookups.slot[at]], lookups.sample[at]
             factor = cowclip_scale(
                 norms[table, 0, sample],
                 norms[table, 1, sample],
-                segments.counts[segments.inverse],
+                lookups.segments.counts,
                 self.rule.r,
                 self.rule.zeta_for_dim[group.full_dim],
             )
-            g = g * factor.unsqueeze(1)
-            self._put_back(grad, group, grad_block, sample, slot, g)
-            self._stash_rows(tbe, group, slot, segments, g)
+            self._apply(tbe, group, lookups, summed, factor, rewritten, batch)
 
     def _column_buffer(self, batch: int, device: torch.device) -> Tensor:
         if self._column_norms is None:

@@ -13,7 +13,7 @@ from ctrscale.optim.cowclip import (
     cowclip_scale,
     cowclip_threshold,
     segment_ids,
-    segment_sq_norms,
+    segment_sums,
     zeta_from_official_bound,
 )
 
@@ -52,8 +52,14 @@ def per_sample_scale(
     single-valued features only.
     """
     segments = segment_ids(ids)
-    grad_sq_norm, weight_sq_norm = segment_sq_norms(segments, grad_out_rows, weight_rows)
+    grad_sq_norm, weight_sq_norm = sq_norms(segments, grad_out_rows, weight_rows)
     return factors_from_sq_norms(segments, grad_sq_norm, weight_sq_norm, r, zeta)
+
+
+def sq_norms(segments: IdSegments, grad_out_rows: Tensor, weight_rows: Tensor):
+    """Per-id (‖Σ_samples g‖², ‖w‖²) from per-sample rows, as the production hook forms them."""
+    grad_sq = segment_sums(segments, grad_out_rows).square().sum(1)
+    return grad_sq, weight_rows[segments.representative].square().sum(1)
 
 
 def reference_clipped_gradient(
@@ -213,9 +219,7 @@ def test_column_wise_partial_squared_norms_sum_to_the_full_factors():
     segments = segment_ids(ids)
 
     shards = [slice(0, 3), slice(3, 8)]  # uneven column split, as table-column-wise sharding
-    partial = [
-        segment_sq_norms(segments, grad_out[:, cols], table[ids][:, cols]) for cols in shards
-    ]
+    partial = [sq_norms(segments, grad_out[:, cols], table[ids][:, cols]) for cols in shards]
     grad_sq = sum(p[0] for p in partial)  # what an all-reduce(SUM) over the shards yields
     weight_sq = sum(p[1] for p in partial)
 
@@ -261,3 +265,11 @@ def test_official_bound_convention_transfers_exactly(r, dim, bound):
 
 def test_paper_setting_zeta_value():
     assert zeta_from_official_bound(1.0, 10, 1e-5) == pytest.approx(math.sqrt(10) * 1e-5)
+
+
+def test_segments_name_each_id_its_count_and_a_sample_that_holds_it():
+    ids = skewed_ids(torch.Generator().manual_seed(12), BATCH)
+    segments = segment_ids(ids)
+    assert torch.equal(segments.unique_ids[segments.inverse], ids)
+    assert torch.equal(ids[segments.representative], segments.unique_ids)
+    assert torch.equal(segments.counts, torch.bincount(ids)[segments.unique_ids])
