@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Callable
 
 from ctrscale import __version__
 from ctrscale.errors import CtrscaleError
+from ctrscale.runtime import tune_process
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -282,10 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a host whose
-    # cores are shared (other ranks, the loader thread, other jobs) spinning threads starve the
-    # working ones; a 1K-batch DeepFM step measured 3–20× slower with the default policy.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    tune_process()  # before torch loads
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
@@ -295,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # never import torch just to exit
+            from ctrscale.distributed.context import shutdown_distributed
+
+            shutdown_distributed()
 
 
 if __name__ == "__main__":
