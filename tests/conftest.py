@@ -7,10 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
-
-# As `ctrscale` itself does (cli.py): set before any test loads torch's OpenMP runtime.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from support import CRITEO_SAMPLE, free_port
+
+from ctrscale.runtime import tune_process
+
+# As the `ctrscale` entry point does: before any test loads torch's OpenMP runtime.
+tune_process()
 
 
 @pytest.fixture(scope="session")
