@@ -66,17 +66,23 @@ class GradientRule:
 
 
 class _GradientTap(torch.autograd.Function):
-    """Identity whose backward gives the gradient to a callback and passes nothing on."""
+    """Identity on a detached tensor whose backward gives the gradient to a callback.
+
+    The input is detached so that the graph behind it (FBGEMM's backward) is not part of the
+    backward at all: autograd runs a node even when every gradient reaching it is None, and
+    FBGEMM's then materialises zeros and runs the whole kernel. `anchor`, an empty leaf that
+    requires grad and never receives one, is what puts the tap itself into the graph.
+    """
 
     @staticmethod
-    def forward(ctx, output: Tensor, on_grad) -> Tensor:
+    def forward(ctx, detached: Tensor, anchor: Tensor, on_grad) -> Tensor:
         ctx.on_grad = on_grad
-        return output.view_as(output)
+        return detached.view_as(detached)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         ctx.on_grad(grad)
-        return None, None
+        return None, None, None
 
 
 @dataclass
@@ -104,6 +110,7 @@ class _Tbe:
     groups: list[_Group]
     flat_weights: Tensor | None  # the TBE's weights as one flat buffer (RowAdam only)
     key: str
+    anchor: Tensor | None = None  # RowAdam only: see _GradientTap
 
 
 @dataclass
@@ -260,6 +267,8 @@ class EmbeddingGradientTransform:
                 column += table.local_cols
                 key_offset += table.local_rows
         tbe = _Tbe(len(per_feature), _groups(per_feature), flat, key)
+        if row_adam:
+            tbe.anchor = torch.empty(0, device=flat.device, requires_grad=True)
         emb.emb_module.register_forward_hook(
             lambda module, args, kwargs, out: self._hook_output(tbe, kwargs, out),
             with_kwargs=True,
@@ -272,9 +281,9 @@ class EmbeddingGradientTransform:
         rows = output.detach()
         if tbe.flat_weights is not None:
             # RowAdam updates this TBE: FBGEMM's backward (a zero-LR SGD) would only cost time,
-            # so the gradient stops here, at a tap that hands it to the rewrite.
+            # so the graph is cut here and a tap hands the gradient to the rewrite.
             return _GradientTap.apply(
-                output, lambda grad: self._rewrite(tbe, indices, offsets, rows, grad)
+                rows, tbe.anchor, lambda grad: self._rewrite(tbe, indices, offsets, rows, grad)
             )
         output.register_hook(lambda grad: self._rewrite(tbe, indices, offsets, rows, grad))
         return None
