@@ -102,6 +102,8 @@ class _Group:
     column_slots: Tensor
     full_dim: int
     clipped: bool
+    column_range: tuple[int, int] | None  # flat_columns as a slice, when they are one range
+    column_sharded: bool  # some feature's table is column-sharded and clipped
 
 
 @dataclass
@@ -134,20 +136,33 @@ def _group_lookups(
     grad: Tensor,
     batch: int,
 ) -> _Lookups:
-    group_lengths = lengths[group.features]
+    # Everything in [sample, feature] order, the pooled output's memory order, so gradient
+    # and weight rows are read as whole rows front to back.
+    group_lengths = lengths[group.features].T
     if bool((group_lengths > 1).any()):
         raise CtrscaleError(MULTI_VALUED.format(table=group.tables[0]))
-    slot, sample = (group_lengths == 1).nonzero(as_tuple=True)
-    ids = indices[offsets[group.features[slot] * batch + sample]]
+    present = group_lengths == 1  # an empty bag (a missing value) looks nothing up
+    sample, slot = present.nonzero(as_tuple=True)
+    bag_starts = offsets[:-1].view(-1, batch)[group.features].T
+    ids = indices[bag_starts[sample, slot]]
     segments = segment_ids(ids + group.key_offsets[slot])
-    # [B, F_g, width] blocks via one column gather, then whole rows per (sample, slot): far
-    # cheaper than gathering element by element with a 2-D index.
-    features = len(group.features)
-    per_sample = grad.index_select(1, group.flat_columns).view(batch, features, -1)[sample, slot]
+    grad_block = _columns(grad, group, batch)
+    if sample.numel() == present.numel():
+        per_sample = grad_block.reshape(sample.numel(), -1)
+    else:
+        per_sample = grad_block[present]
     at = segments.representative
-    columns = group.flat_columns.view(features, -1)[slot[at]]
-    weight = rows[sample[at].unsqueeze(1), columns]  # the pooled output row of one lookup = w
+    weight = _columns(rows, group, batch)[sample[at], slot[at]]  # a lookup's output row is w
     return _Lookups(slot, sample, segments, per_sample, weight)
+
+
+def _columns(pooled: Tensor, group: _Group, batch: int) -> Tensor:
+    """The group's columns of a pooled [B, C] tensor as [B, F_g, width]: a view when they are
+    one range (a TBE lays out tables of one width side by side), else a copy."""
+    if group.column_range is not None:
+        start, stop = group.column_range
+        return pooled[:, start:stop].view(batch, len(group.features), -1)
+    return pooled.index_select(1, group.flat_columns).view(batch, len(group.features), -1)
 
 
 def _lookups_with_types(sharded_ebc: nn.Module):
@@ -266,7 +281,7 @@ class EmbeddingGradientTransform:
                 )
                 column += table.local_cols
                 key_offset += table.local_rows
-        tbe = _Tbe(len(per_feature), _groups(per_feature), flat, key)
+        tbe = _Tbe(len(per_feature), _groups(per_feature, views[0].device), flat, key)
         if row_adam:
             tbe.anchor = torch.empty(0, device=flat.device, requires_grad=True)
         emb.emb_module.register_forward_hook(
@@ -309,7 +324,7 @@ class EmbeddingGradientTransform:
             factor = None
             if group.clipped:
                 grad_sq, weight_sq = summed.square().sum(1), lookups.weight.square().sum(1)
-                if bool((group.column_slots >= 0).any()):
+                if group.column_sharded:
                     deferred.append((tbe, group, lookups, summed, grad_sq, weight_sq))
                     continue
                 zeta = self.rule.zeta_for_dim[group.full_dim]
@@ -343,9 +358,10 @@ class EmbeddingGradientTransform:
             per_sample = per_sample + (share.unsqueeze(1) * lookups.weight)[segments.inverse]
         if factor is not None:
             per_sample = per_sample * factor[segments.inverse].unsqueeze(1)
-        block = rewritten.index_select(1, group.flat_columns).view(batch, len(group.features), -1)
+        block = _columns(rewritten, group, batch)
         block[lookups.sample, lookups.slot] = per_sample
-        rewritten.index_copy_(1, group.flat_columns, block.view(batch, -1))
+        if group.column_range is None:  # `block` is a copy
+            rewritten.index_copy_(1, group.flat_columns, block.view(batch, -1))
 
     def _stash_rows(self, tbe: _Tbe, group: _Group, lookups: _Lookups, summed: Tensor) -> None:
         """Keep each id's final gradient row for RowAdam, applied once the backward is done
@@ -463,31 +479,37 @@ class EmbeddingGradientTransform:
                 grad.zero_()  # RowAdam owns these rows; no torch optimizer may apply them again
 
 
-def _groups(per_feature: list[tuple]) -> list[_Group]:
-    """Bundle features by (local width, full width, clipped) into `_Group`s."""
+def _groups(per_feature: list[tuple], device: torch.device) -> list[_Group]:
+    """Bundle features by (local width, full width, clipped) into `_Group`s on `device`."""
     groups = []
     ordered = sorted(per_feature, key=lambda item: item[0])
     for (width, full_dim, clipped), members in groupby(ordered, key=lambda item: item[0]):
         members = list(members)
-        first_columns = _long([m[3] for m in members])
+        first_columns = [m[3] for m in members]
+        one_range = first_columns == list(range(first_columns[0], first_columns[-1] + 1, width))
+        column_slots = [m[7] for m in members]
+
+        def long(values: list[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
         groups.append(
             _Group(
                 tables=[m[2] for m in members],
-                features=_long([m[1] for m in members]),
-                flat_columns=(first_columns.unsqueeze(1) + torch.arange(width)).flatten(),
-                key_offsets=_long([m[4] for m in members]),
-                row_offsets=_long([m[5] for m in members]),
-                flat_offsets=_long([m[6] for m in members]),
-                column_slots=_long([m[7] for m in members]),
+                features=long([m[1] for m in members]),
+                flat_columns=(
+                    long(first_columns).unsqueeze(1) + long(list(range(width)))
+                ).flatten(),
+                key_offsets=long([m[4] for m in members]),
+                row_offsets=long([m[5] for m in members]),
+                flat_offsets=long([m[6] for m in members]),
+                column_slots=long(column_slots),
                 full_dim=full_dim,
                 clipped=clipped,
+                column_range=(first_columns[0], first_columns[-1] + width) if one_range else None,
+                column_sharded=any(slot >= 0 for slot in column_slots),
             )
         )
     return groups
-
-
-def _long(values: list[int]) -> Tensor:
-    return torch.tensor(values, dtype=torch.int64)
 
 
 def _agree_across_ranks(names: list[str]) -> list[str]:

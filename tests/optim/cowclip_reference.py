@@ -34,6 +34,7 @@ from ctrscale.train.step import build_trainer
 GLOBAL_BATCH = 256
 STEPS = 3
 TABLE_ROWS = 24  # 256 samples over 24 ids: every id repeats, some dozens of times
+MISSING = -1  # a sample without a value for a feature: an empty bag, no lookup
 EMBEDDING_LR, DENSE_LR, L2, R = 0.5, 0.1, 0.05, 0.005
 # ε above Adam's 1e-8 so that float32 summation-order noise in a near-zero gradient is not
 # amplified into a visible step difference (Adam divides by √v).
@@ -71,31 +72,36 @@ def global_batches(seed: int = 7) -> list[Batch]:
     batches = []
     for _ in range(STEPS):
         # Skewed ids: low ids are frequent, high ids rare, as in CTR data.
-        ids = (
-            torch.rand(len(SPARSE_FEATURES), GLOBAL_BATCH, generator=generator) ** 3
-        ) * TABLE_ROWS
-        values = ids.long().flatten()
-        kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=list(SPARSE_FEATURES),
-            values=values,
-            lengths=torch.ones(values.numel(), dtype=torch.int32),
-        )
+        shape = (len(SPARSE_FEATURES), GLOBAL_BATCH)
+        ids = ((torch.rand(shape, generator=generator) ** 3) * TABLE_ROWS).long()
+        ids[torch.rand(shape, generator=generator) < 0.1] = MISSING
         dense = torch.rand(GLOBAL_BATCH, len(DENSE_FEATURES), generator=generator)
         labels = (torch.rand(GLOBAL_BATCH, generator=generator) < 0.3).float()
-        batches.append(Batch(dense, kjt, labels))
+        batches.append(Batch(dense, as_features(ids), labels))
     return batches
+
+
+def as_features(ids: torch.Tensor) -> KeyedJaggedTensor:
+    """[features, samples] ids, MISSING where a sample has no value, as single-valued bags."""
+    present = ids != MISSING
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=list(SPARSE_FEATURES),
+        values=ids[present],
+        lengths=present.flatten().to(torch.int32),
+    )
+
+
+def id_matrix(features: KeyedJaggedTensor) -> torch.Tensor:
+    ids = torch.full((features.lengths().numel(),), MISSING)
+    ids[features.lengths().bool()] = features.values()
+    return ids.view(len(SPARSE_FEATURES), -1)
 
 
 def rank_slice(batch: Batch, rank: int, world_size: int) -> Batch:
     size = GLOBAL_BATCH // world_size
     rows = slice(rank * size, (rank + 1) * size)
-    ids = batch.sparse_features.values().view(len(SPARSE_FEATURES), GLOBAL_BATCH)[:, rows]
-    kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=list(SPARSE_FEATURES),
-        values=ids.flatten(),
-        lengths=torch.ones(ids.numel(), dtype=torch.int32),
-    )
-    return Batch(batch.dense_features[rows], kjt, batch.labels[rows])
+    features = as_features(id_matrix(batch.sparse_features)[:, rows])
+    return Batch(batch.dense_features[rows], features, batch.labels[rows])
 
 
 def full_state(dmp) -> dict[str, torch.Tensor]:
@@ -136,7 +142,7 @@ def reference_step(
     model.zero_grad()
     logits = model(batch.dense_features, batch.sparse_features)
     F.binary_cross_entropy_with_logits(logits, batch.labels).backward()
-    ids = batch.sparse_features.values().view(len(SPARSE_FEATURES), GLOBAL_BATCH)
+    ids = id_matrix(batch.sparse_features)
     clipped = unclipped = 0
     if adam is not None:
         adam.t += 1
@@ -145,7 +151,7 @@ def reference_step(
         for name, bag in tables.items():
             feature = name.removesuffix("_wide")
             weight, grad = bag.weight, bag.weight.grad.clone()
-            feature_ids = ids[SPARSE_FEATURES.index(feature)].tolist()
+            feature_ids = [i for i in ids[SPARSE_FEATURES.index(feature)].tolist() if i != MISSING]
             for row in sorted(set(feature_ids)):
                 count = feature_ids.count(row)
                 g = grad[row] + 2 * L2 * weight[row]
