@@ -144,13 +144,16 @@ class SparseArch(nn.Module):
         When the pooled output already lists the field keys, then the first-order keys, in
         order (what the EBC returns, sharded or not, in practice), the blocks are two views of
         it; otherwise a regroup copies them into place. Splitting into 52 views and
-        concatenating them back costs two copies of the output, forward and backward.
+        concatenating them back costs two copies of the output, forward and backward. (A
+        `split`, not two slices: its backward writes both gradients into one new tensor, where
+        each slice's backward allocates and adds a full-width one.)
         """
         keys = pooled.keys()
         if keys == [*self._field_keys, *self._first_order_keys]:
             width = len(self._field_keys) * self._embedding_dim
             values = pooled.values()
-            return values[:, :width], values[:, width:]
+            fields, wide = values.split([width, values.shape[1] - width], dim=1)
+            return fields, wide
         fields, wide = KeyedTensor.regroup([pooled], [self._field_keys, self._first_order_keys])
         return fields, wide
 
