@@ -7,6 +7,7 @@ and backend come from the configuration (`auto` = cuda+nccl when a GPU is visibl
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -97,8 +98,14 @@ def init_distributed(config: DistributedConfig, timeout_s: float = 1800.0) -> Di
 
 
 def shutdown_distributed() -> None:
-    """Destroy the process groups while the interpreter is alive: a gloo group left to
-    interpreter finalization can abort the process ("terminate called without an active
-    exception", pytorch/pytorch#190489), which failed ~1 in 5 two-process evaluations here."""
+    """Destroy the process groups and join their threads while the interpreter is alive.
+
+    A gloo group left to interpreter finalization aborts the process now and then: its worker
+    thread frees the last collective's work object, which decrefs Python tensors, takes the
+    GIL during `Py_Finalize` and is terminated ("terminate called without an active
+    exception"; pytorch/pytorch#190489, seen as ~1 in 5 failed two-process evaluations here).
+    `destroy_process_group` alone does not stop those threads: models and sharded tensors in
+    reference cycles still hold the group, so a collection must free it first."""
     if dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()

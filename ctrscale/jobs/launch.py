@@ -51,7 +51,10 @@ def _torchrun(nproc: int, args: list[str], *, capture: bool) -> str:
         check=False,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"`{' '.join(command)}` exited with code {done.returncode}")
+        raise RuntimeError(
+            f"`{' '.join(command)}` exited with code {done.returncode}; its ranks' errors are "
+            "in this job's log (stderr) just above"
+        )
     return done.stdout or ""
 
 
