@@ -26,7 +26,9 @@ mean loss is taken over.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -60,36 +62,62 @@ def cowclip_scale(
     return torch.where(clipped, threshold / safe_norm, torch.ones_like(grad_norm))
 
 
+# Sums per id run as a sparse CSR matmul (see `segment_sums`); torch marks CSR as beta.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
 @dataclass(frozen=True)
 class IdSegments:
-    """The distinct ids of one batch of single-valued lookups and where each sample's id sits.
+    """The distinct ids of one batch of single-valued lookups and the samples holding each.
 
-    `unique_ids[inverse[i]]` is sample i's id; `counts[k]` is how many samples hold
-    `unique_ids[k]`; `representative[k]` is one of those samples (they all look up the same row).
+    `unique_ids` are sorted; the samples of `unique_ids[k]` are `order[starts[k]:starts[k+1]]`
+    (ascending), `counts[k]` of them.
     """
 
     unique_ids: Tensor
-    inverse: Tensor
     counts: Tensor
-    representative: Tensor
+    order: Tensor
+    starts: Tensor
+
+    @cached_property
+    def inverse(self) -> Tensor:
+        """Each sample's index into `unique_ids`."""
+        ids = torch.arange(self.unique_ids.numel(), device=self.order.device)
+        positions = torch.repeat_interleave(ids, self.counts)
+        return torch.empty_like(self.order).scatter_(0, self.order, positions)
+
+    @cached_property
+    def representative(self) -> Tensor:
+        """One sample per id (they all look up the same row)."""
+        return self.order[self.starts[:-1]]
 
 
 def segment_ids(ids: Tensor) -> IdSegments:
     """Group a single-valued feature's batch of ids (shape [B], repeats allowed) by id."""
-    unique_ids, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
-    # Which sample a scatter with repeated targets keeps is unspecified, and irrelevant here.
-    samples = torch.arange(ids.numel(), device=ids.device)
-    representative = torch.empty_like(unique_ids).scatter_(0, inverse, samples)
-    return IdSegments(unique_ids, inverse, counts, representative)
+    sorted_ids, order = torch.sort(ids, stable=True)
+    unique_ids, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    starts = counts.new_zeros(counts.numel() + 1)
+    torch.cumsum(counts, 0, out=starts[1:])
+    return IdSegments(unique_ids, counts, order, starts)
 
 
 def segment_sums(segments: IdSegments, rows: Tensor) -> Tensor:
     """Per-id sums [n_ids, d] of per-sample rows [B, d]: an id's gradient row from the
     gradients reaching its samples' lookup outputs.
 
+    Computed as (the ids × samples 0/1 matrix, in CSR form straight from the sort) @ rows:
+    measured on 3.4M × 12 rows on 2 cores, 59 ms against 217 ms for `index_add_`, whose CPU
+    scatter runs on one thread.
+
     The squared norms CowClip needs are `.square().sum(1)` of this and of the weight rows at
     `segments.representative`; for column-wise sharded tables each shard passes its own
     columns and the partial squared norms are summed over the shards.
     """
-    summed = rows.new_zeros(segments.unique_ids.numel(), rows.shape[1])
-    return summed.index_add_(0, segments.inverse, rows)
+    membership = torch.sparse_csr_tensor(
+        segments.starts,
+        segments.order,
+        rows.new_ones(segments.order.numel()),
+        size=(segments.unique_ids.numel(), rows.shape[0]),
+        check_invariants=False,  # built from a sort: valid by construction
+    )
+    return torch.sparse.mm(membership, rows)

@@ -30,8 +30,9 @@ All features of a TBE that share a width are processed together (one `unique`, o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import groupby
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -85,6 +86,20 @@ class _GradientTap(torch.autograd.Function):
         return None, None, None
 
 
+class _Feature(NamedTuple):
+    """Where one (table, input feature) of a TBE sits; bundled into `_Group`s."""
+
+    kind: tuple[int, int, bool]  # (local width, full width, clipped): the grouping key
+    position: int  # bag row in the TBE's offsets
+    table: str
+    input_feature: str  # the KJT key; a feature read by two tables has the same ids in both
+    first_column: int  # in the pooled output
+    key_offset: int  # makes (feature, id) keys distinct within the TBE
+    row_offset: int  # first global row of the shard (row-wise shards)
+    flat_offset: int  # where the shard's row 0 starts in the flat weight buffer
+    column_slot: int  # among the clipped column-sharded tables; -1: not sharded so
+
+
 @dataclass
 class _Group:
     """Features of one TBE with the same local width, full width and clipping: processed as
@@ -94,6 +109,7 @@ class _Group:
     columns."""
 
     tables: list[str]
+    input_features: tuple[str, ...]
     features: Tensor
     flat_columns: Tensor  # [F_g · width]: the group's block of the pooled output
     key_offsets: Tensor
@@ -120,6 +136,8 @@ class _Lookups:
     """One group's single-valued lookups in a batch: n (slot, sample) pairs with their ids,
     the gradient rows reaching them [n, width], and each distinct id's weight row [ids, width]."""
 
+    group: _Group
+    present: Tensor  # [B, F_g]: which bags look an id up
     slot: Tensor
     sample: Tensor
     segments: IdSegments
@@ -135,17 +153,27 @@ def _group_lookups(
     rows: Tensor,
     grad: Tensor,
     batch: int,
+    same_ids: _Lookups | None = None,
 ) -> _Lookups:
+    """`same_ids`: an earlier group of this TBE that reads the same input features (a model's
+    first-order tables read the fields' ids), whose grouping of samples by id is reused."""
     # Everything in [sample, feature] order, the pooled output's memory order, so gradient
     # and weight rows are read as whole rows front to back.
-    group_lengths = lengths[group.features].T
-    if bool((group_lengths > 1).any()):
-        raise CtrscaleError(MULTI_VALUED.format(table=group.tables[0]))
-    present = group_lengths == 1  # an empty bag (a missing value) looks nothing up
-    sample, slot = present.nonzero(as_tuple=True)
-    bag_starts = offsets[:-1].view(-1, batch)[group.features].T
-    ids = indices[bag_starts[sample, slot]]
-    segments = segment_ids(ids + group.key_offsets[slot])
+    if same_ids is None:
+        group_lengths = lengths[group.features].T
+        if bool((group_lengths > 1).any()):
+            raise CtrscaleError(MULTI_VALUED.format(table=group.tables[0]))
+        present = group_lengths == 1  # an empty bag (a missing value) looks nothing up
+        sample, slot = present.nonzero(as_tuple=True)
+        bag_starts = offsets[:-1].view(-1, batch)[group.features].T
+        ids = indices[bag_starts[sample, slot]]
+        segments = segment_ids(ids + group.key_offsets[slot])
+    else:
+        present, sample, slot = same_ids.present, same_ids.sample, same_ids.slot
+        # Same samples per id; only the keys differ, by each feature's key offset.
+        id_slot = slot[same_ids.segments.representative]
+        shift = group.key_offsets[id_slot] - same_ids.group.key_offsets[id_slot]
+        segments = replace(same_ids.segments, unique_ids=same_ids.segments.unique_ids + shift)
     grad_block = _columns(grad, group, batch)
     if sample.numel() == present.numel():
         per_sample = grad_block.reshape(sample.numel(), -1)
@@ -153,7 +181,7 @@ def _group_lookups(
         per_sample = grad_block[present]
     at = segments.representative
     weight = _columns(rows, group, batch)[sample[at], slot[at]]  # a lookup's output row is w
-    return _Lookups(slot, sample, segments, per_sample, weight)
+    return _Lookups(group, present, slot, sample, segments, per_sample, weight)
 
 
 def _columns(pooled: Tensor, group: _Group, batch: int) -> Tensor:
@@ -264,17 +292,18 @@ class EmbeddingGradientTransform:
         per_feature, column, key_offset = [], 0, 0
         for table, view in zip(emb.config.embedding_tables, views, strict=True):
             row_offset = table.local_metadata.shard_offsets[0] if table.local_metadata else 0
-            for _ in table.feature_names:
+            for input_feature in table.feature_names:
                 per_feature.append(
-                    (
-                        (table.local_cols, table.embedding_dim, self.rule.clips(table.name)),
-                        len(per_feature),
-                        table.name,
-                        column,
-                        key_offset - row_offset,
-                        row_offset,
-                        view.storage_offset(),
-                        self.column_tables.index(table.name)
+                    _Feature(
+                        kind=(table.local_cols, table.embedding_dim, self.rule.clips(table.name)),
+                        position=len(per_feature),
+                        table=table.name,
+                        input_feature=input_feature,
+                        first_column=column,
+                        key_offset=key_offset - row_offset,
+                        row_offset=row_offset,
+                        flat_offset=view.storage_offset(),
+                        column_slot=self.column_tables.index(table.name)
                         if column_sharded and self.rule.clips(table.name)
                         else -1,
                     )
@@ -312,8 +341,13 @@ class EmbeddingGradientTransform:
         batch = (offsets.numel() - 1) // tbe.num_features
         lengths = offsets.diff().view(tbe.num_features, batch)
         deferred = []
+        by_input: dict[tuple[str, ...], _Lookups] = {}
         for group in tbe.groups:
-            lookups = _group_lookups(group, indices, offsets, lengths, rows, grad, batch)
+            lookups = _group_lookups(
+                group, indices, offsets, lengths, rows, grad, batch,
+                by_input.get(group.input_features),
+            )  # fmt: skip
+            by_input.setdefault(group.input_features, lookups)
             # The per-id sum is the gradient row CowClip clips and RowAdam applies; the L2
             # gradient 2λw is added once per id, and every later step is O(ids), not O(samples).
             summed = None
@@ -479,29 +513,30 @@ class EmbeddingGradientTransform:
                 grad.zero_()  # RowAdam owns these rows; no torch optimizer may apply them again
 
 
-def _groups(per_feature: list[tuple], device: torch.device) -> list[_Group]:
+def _groups(per_feature: list[_Feature], device: torch.device) -> list[_Group]:
     """Bundle features by (local width, full width, clipped) into `_Group`s on `device`."""
     groups = []
-    ordered = sorted(per_feature, key=lambda item: item[0])
-    for (width, full_dim, clipped), members in groupby(ordered, key=lambda item: item[0]):
+    ordered = sorted(per_feature, key=lambda feature: feature.kind)
+    for (width, full_dim, clipped), members in groupby(ordered, key=lambda f: f.kind):
         members = list(members)
-        first_columns = [m[3] for m in members]
+        first_columns = [m.first_column for m in members]
         one_range = first_columns == list(range(first_columns[0], first_columns[-1] + 1, width))
-        column_slots = [m[7] for m in members]
+        column_slots = [m.column_slot for m in members]
 
         def long(values: list[int]) -> Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
         groups.append(
             _Group(
-                tables=[m[2] for m in members],
-                features=long([m[1] for m in members]),
+                tables=[m.table for m in members],
+                input_features=tuple(m.input_feature for m in members),
+                features=long([m.position for m in members]),
                 flat_columns=(
                     long(first_columns).unsqueeze(1) + long(list(range(width)))
                 ).flatten(),
-                key_offsets=long([m[4] for m in members]),
-                row_offsets=long([m[5] for m in members]),
-                flat_offsets=long([m[6] for m in members]),
+                key_offsets=long([m.key_offset for m in members]),
+                row_offsets=long([m.row_offset for m in members]),
+                flat_offsets=long([m.flat_offset for m in members]),
                 column_slots=long(column_slots),
                 full_dim=full_dim,
                 clipped=clipped,

@@ -273,3 +273,16 @@ def test_segments_name_each_id_its_count_and_a_sample_that_holds_it():
     assert torch.equal(segments.unique_ids[segments.inverse], ids)
     assert torch.equal(ids[segments.representative], segments.unique_ids)
     assert torch.equal(segments.counts, torch.bincount(ids)[segments.unique_ids])
+
+
+def test_segment_sums_add_each_ids_rows_and_accept_an_empty_batch():
+    ids = torch.tensor([5, 2, 5, 9, 2, 5])
+    rows = torch.arange(12, dtype=torch.float64).view(6, 2)
+    segments = segment_ids(ids)
+    assert segments.unique_ids.tolist() == [2, 5, 9]
+    expected = [rows[[1, 4]].sum(0), rows[[0, 2, 5]].sum(0), rows[3]]
+    torch.testing.assert_close(segment_sums(segments, rows), torch.stack(expected))
+
+    empty = segment_ids(torch.zeros(0, dtype=torch.int64))
+    assert segment_sums(empty, torch.zeros(0, 4)).shape == (0, 4)
+    assert empty.inverse.numel() == empty.representative.numel() == 0
