@@ -1,0 +1,49 @@
+"""`ctrscale bench step`: every batch size from memory and from the loader, each against the
+compute-bound limit of the same run, and CowClip's step-time overhead, on a small model.
+
+Nothing here asserts a speed: speed targets are what the benchmark reports (docs/bench-step.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from runner import run_ctrscale
+
+SMALL = ["model.dnn=[32]", "model.embedding_dim=8", "data.shuffle_buffer_rows=4096"]
+
+
+@pytest.mark.slow
+def test_bench_step_reports_every_batch_size_source_and_the_cowclip_overhead(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "step", "--batch-sizes", "256", "1024", "--with-loader"]
+    args += ["--cowclip-overhead", "--rows", "20000", "--min-seconds", "0.3", "--out", str(out)]
+    for override in SMALL:
+        args += ["--set", override]
+    done = run_ctrscale(args)
+
+    report = json.loads(out.read_text())
+    runs = [run for run in report["runs"] if "source" in run]
+    assert [(r["batch_size"], r["source"]) for r in runs] == [
+        (256, "memory"), (256, "loader"), (1024, "memory"), (1024, "loader"),
+    ]  # fmt: skip
+    for run in runs:
+        assert run["steps"] >= 4 and run["seconds"] >= 0.3
+        assert run["rows_per_s"] == pytest.approx(run["steps"] * run["batch_size"] / run["seconds"])
+        assert run["fraction_of_limit"] == pytest.approx(
+            run["rows_per_s"] / run["compute_bound_rows_per_s"]
+        )
+        assert run["peak_rss_mib"] > 100
+    memory = {r["batch_size"]: r["rows_per_s"] for r in runs if r["source"] == "memory"}
+    loader = {r["batch_size"]: r["rows_per_s"] for r in runs if r["source"] == "loader"}
+    assert report["smallest_over_largest_rows_per_s"] == pytest.approx(memory[256] / memory[1024])
+    assert report["loader_over_memory_rows_per_s"] == pytest.approx(
+        {str(b): loader[b] / memory[b] for b in memory}
+    )
+
+    (overhead,) = [run for run in report["runs"] if "cowclip_step_time_overhead" in run]
+    assert overhead["batch_size"] == 1024 and overhead["rounds"] >= 5
+    ratio = overhead["step_seconds_on"] / overhead["step_seconds_off"]
+    assert math.isclose(report["cowclip_step_time_overhead"], ratio - 1.0)
+    assert "CowClip off/on" in done.stdout and "rows/s" in done.stdout
