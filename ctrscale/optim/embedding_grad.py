@@ -253,12 +253,13 @@ class EmbeddingGradientTransform:
             for sharding_type, lookup in _lookups_with_types(sebc)
             for emb in lookup._emb_modules
         ]
+        # Tables whose rows are split across shards: only those need the norms combined. A
+        # column-wise table narrower than the shard width is one shard holding whole rows.
         column_tables = {
             table.name
-            for emb, sharding_type in found
-            if sharding_type in ("column_wise", "table_column_wise")
+            for emb, _ in found
             for table in emb.config.embedding_tables
-            if rule.clips(table.name)
+            if rule.clips(table.name) and table.local_cols < table.embedding_dim
         }
         transform.column_tables = _agree_across_ranks(sorted(column_tables))
         if transform.column_tables and dist.is_initialized() and dist.get_world_size() > 1:
@@ -270,12 +271,12 @@ class EmbeddingGradientTransform:
                 transform._install_replicated(emb, uses_row_adam=row_adam is not None)
             else:
                 uses_row_adam = row_adam is not None and not fused_adam
-                transform._install_sharded(emb, sharding_type, f"tbe{number}", uses_row_adam)
+                transform._install_sharded(emb, f"tbe{number}", uses_row_adam)
         return transform
 
     # ---- fused shards: rewrite the pooled output's gradient before FBGEMM's backward ----
 
-    def _install_sharded(self, emb: nn.Module, sharding_type: str, key: str, row_adam: bool):
+    def _install_sharded(self, emb: nn.Module, key: str, row_adam: bool):
         if not row_adam and not self.rule.active:
             return  # FBGEMM's fused Adam takes the gradient as it is
         views = emb.emb_module.split_embedding_weights()
@@ -288,7 +289,6 @@ class EmbeddingGradientTransform:
                 self.moment_shards[_shard_key(table)] = tuple(
                     m[start : start + size].view_as(view) for m in moments
                 )
-        column_sharded = sharding_type in ("column_wise", "table_column_wise")
         per_feature, column, key_offset = [], 0, 0
         for table, view in zip(emb.config.embedding_tables, views, strict=True):
             row_offset = table.local_metadata.shard_offsets[0] if table.local_metadata else 0
@@ -304,7 +304,7 @@ class EmbeddingGradientTransform:
                         row_offset=row_offset,
                         flat_offset=view.storage_offset(),
                         column_slot=self.column_tables.index(table.name)
-                        if column_sharded and self.rule.clips(table.name)
+                        if table.name in self.column_tables
                         else -1,
                     )
                 )
