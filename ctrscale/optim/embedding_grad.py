@@ -97,7 +97,7 @@ class _Feature(NamedTuple):
     key_offset: int  # makes (feature, id) keys distinct within the TBE
     row_offset: int  # first global row of the shard (row-wise shards)
     flat_offset: int  # where the shard's row 0 starts in the flat weight buffer
-    column_slot: int  # among the clipped column-sharded tables; -1: not sharded so
+    column_slot: int  # among the clipped tables whose rows are split over shards; else -1
 
 
 @dataclass
@@ -119,7 +119,7 @@ class _Group:
     full_dim: int
     clipped: bool
     column_range: tuple[int, int] | None  # flat_columns as a slice, when they are one range
-    column_sharded: bool  # some feature's table is column-sharded and clipped
+    column_sharded: bool  # some feature's table has its rows split over shards (and clips)
 
 
 @dataclass
