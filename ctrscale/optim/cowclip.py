@@ -70,8 +70,9 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 class IdSegments:
     """The distinct ids of one batch of single-valued lookups and the samples holding each.
 
-    `unique_ids` are sorted; the samples of `unique_ids[k]` are `order[starts[k]:starts[k+1]]`
-    (ascending), `counts[k]` of them.
+    The samples of `unique_ids[k]` are `order[starts[k]:starts[k+1]]` (ascending), `counts[k]`
+    of them. (`segment_ids` returns the ids sorted; nothing relies on it, and the hook's reuse
+    for first-order tables shifts them per feature.)
     """
 
     unique_ids: Tensor
