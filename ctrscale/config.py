@@ -8,13 +8,29 @@ name the key. Every default cites where it comes from.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import tomli_w
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ctrscale.choices import (
+    BackendChoice,
+    ClipMode,
+    Decay,
+    DenseOptimizerName,
+    DenseTransform,
+    DeviceChoice,
+    EmbeddingOptimizerName,
+    IdEncoding,
+    ModelName,
+    RefreshHoldout,
+    ScalingRule,
+    ShardingChoice,
+    UpdateSemantics,
+)
 from ctrscale.errors import CtrscaleError
+from ctrscale.files import write_text_atomic
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
@@ -54,7 +70,7 @@ class DataConfig(Section):
 class ModelConfig(Section):
     """Architecture; table sizes come from the dataset's metadata.json."""
 
-    name: Literal["deepfm", "dlrm", "dcnv2", "wide_deep"] = "deepfm"
+    name: ModelName = ModelName.DEEPFM
     # Paper (CowClip, DeepFM on Criteo) uses 10; FBGEMM kernels need a multiple of 4, and 12
     # is the nearest one that does not shrink the model.
     embedding_dim: PositiveInt = 12
@@ -83,21 +99,25 @@ class ModelConfig(Section):
 class EmbeddingOptimConfig(Section):
     """Optimizer of the embedding tables (fused into the FBGEMM backward where supported)."""
 
-    name: Literal["sgd", "adagrad", "rowwise_adagrad", "adam"] = "adam"
+    name: EmbeddingOptimizerName = EmbeddingOptimizerName.ADAM
     # CowClip paper: Adam on embeddings at lr 1e-4, kept fixed as the batch grows.
     lr: Annotated[float, Field(gt=0.0)] = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)  # Adam paper defaults
     eps: Annotated[float, Field(gt=0.0)] = 1e-8  # Adam paper default
     # λ of the L2 penalty λ‖w‖² (Keras' l2(λ): gradient 2λw), added once per step to each row
-    # the global batch looks up, before CowClip (as in the official code, where it is part of
-    # the clipped gradient). LargeBatchCTR: 1e-5 at batch 1024; the cowclip rule scales it by s.
+    # the step updates (see `semantics`), before CowClip (as in the official code, where it is
+    # part of the clipped gradient). LargeBatchCTR: 1e-5 at batch 1024; the cowclip rule
+    # scales it by s.
     l2: NonNegativeFloat = 1e-5
+    # Lazy: only rows of the batch change (FBGEMM, production trainers); dense: every row,
+    # every step, as the official CowClip code's Keras optimizer does (see UpdateSemantics).
+    semantics: UpdateSemantics = UpdateSemantics.LAZY
 
 
 class DenseOptimConfig(Section):
     """Optimizer of every non-embedding parameter."""
 
-    name: Literal["adam", "adamw", "sgd", "lamb", "lars"] = "adam"
+    name: DenseOptimizerName = DenseOptimizerName.ADAM
     # CowClip paper: dense lr 8e-4 at the base batch (scaled by the scaling rule).
     lr: Annotated[float, Field(gt=0.0)] = 8e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -113,11 +133,12 @@ class DenseOptimConfig(Section):
 class CowClipConfig(Section):
     """Per-id embedding-gradient clipping (CowClip paper, Algorithm 1)."""
 
-    # off: no clipping, unless the `cowclip` scaling rule turns `paper` on;
-    # paper: the paper's method, exact on the global batch (ctrscale's hook on the gradient);
+    # The one switch of the clip (the scaling rule only sets learning rates, L2 and warm-up).
+    # paper: the paper's method, exact on the global batch (ctrscale's gradient hook) — on by
+    # default because it is the method ctrscale is built around; off: no clipping;
     # fbgemm_rowwise: FBGEMM's fused variant (row-wise Adagrad + WeightDecayMode.COWCLIP with a
     #   running row counter; clips the step, not the Adagrad state) — not the paper's method.
-    mode: Literal["off", "paper", "fbgemm_rowwise"] = "off"
+    mode: ClipMode = ClipMode.PAPER
     # LargeBatchCTR README `--clip 1`.
     r: Annotated[float, Field(gt=0.0)] = 1.0
     # The paper's ζ. Unset: the official code's convention ζ = r²·√d·bound, so its published
@@ -130,11 +151,11 @@ class ScheduleConfig(Section):
     """Batch-size scaling of the base-batch hyperparameters, and the dense LR schedule."""
 
     # CowClip paper: hyperparameters tuned at batch 1024 and scaled by its rule up to 128K.
-    rule: Literal["none", "linear", "sqrt", "cowclip"] = "cowclip"
+    rule: ScalingRule = ScalingRule.COWCLIP
     base_batch_size: PositiveInt = 1024
     # Dense-LR warm-up; unset = the rule's own (one epoch for cowclip, none otherwise).
     warmup_steps: Annotated[int, Field(ge=0)] | None = None
-    decay: Literal["constant", "cosine", "step"] = "constant"  # LargeBatchCTR: no decay
+    decay: Decay = Decay.CONSTANT  # LargeBatchCTR: no decay
     step_milestones: list[PositiveInt] = Field(default_factory=list)
     step_gamma: Annotated[float, Field(gt=0.0)] = 0.1
     min_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
@@ -165,11 +186,9 @@ class TrainConfig(Section):
 
 
 class DistributedConfig(Section):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    sharding_type: Literal[
-        "auto", "table_wise", "column_wise", "table_column_wise", "row_wise", "data_parallel"
-    ] = "auto"
+    device: DeviceChoice = DeviceChoice.AUTO
+    backend: BackendChoice = BackendChoice.AUTO
+    sharding_type: ShardingChoice = ShardingChoice.AUTO
     # Width of column-wise shards (TorchRec's `min_partition`); unset = the planner's default
     # of 128 columns (MIN_CW_DIM), under which a table narrower than 128 stays one shard.
     column_shard_dim: Annotated[int, Field(gt=0, multiple_of=4)] | None = None
@@ -193,8 +212,8 @@ class RefreshConfig(Section):
     raw_pattern: str = "data/raw/day_{yyyymmdd}.tsv.gz"
     # Encoding of a new dataset (the first day); later days must agree with metadata.json,
     # and a contradiction stops the job instead of silently shifting ids.
-    ids: Literal["hash", "vocab"] = "hash"
-    dense_transform: Literal["log1p", "minmax"] = "log1p"
+    ids: IdEncoding = IdEncoding.HASH
+    dense_transform: DenseTransform = DenseTransform.LOG1P
     table_size: Annotated[int, Field(ge=2)] | None = None  # hash: None = Criteo's cardinalities
     min_count: PositiveInt | None = None  # vocab: None = prepare's default (4)
     # prepare's default: a day with more bad rows than this is refused.
@@ -204,7 +223,7 @@ class RefreshConfig(Section):
     window_days: PositiveInt = 1
     # Gate slice: `fraction` = the data.holdout_fraction hash holdout of the new day (never
     # trained on); `next_day` = the whole following day (replaying history).
-    holdout: Literal["fraction", "next_day"] = "fraction"
+    holdout: RefreshHoldout = RefreshHoldout.FRACTION
     # Publish iff AUC_candidate >= AUC_published - auc_tolerance: 0.001 is the AUC difference
     # CTR papers (DeepFM, DCN) already call significant. Negative = demand an improvement.
     auc_tolerance: float = 0.001
@@ -301,6 +320,4 @@ def save_config(config: Config, path: str | Path) -> None:
     """Write the effective config (what actually ran) as TOML that `load_config` reads back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(config_to_toml(config))
-    tmp.replace(path)
+    write_text_atomic(path, config_to_toml(config))

@@ -35,15 +35,15 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import tomli_w
 from pydantic import Field, ValidationError
 
+from ctrscale.choices import ClipMode, DenseOptimizerName, ScalingRule, names
 from ctrscale.config import (
     Config,
     ConfigError,
-    DenseOptimConfig,
     Section,
     config_to_toml,
     load_config,
@@ -51,15 +51,14 @@ from ctrscale.config import (
 )
 from ctrscale.data.schema import METADATA_FILE, read_metadata
 from ctrscale.errors import CtrscaleError
-from ctrscale.optim.scaling import SCALING_RULES
 
 DEFAULT_RULES = ("none", "sqrt", "linear", "cowclip")
 DEFAULT_MULTIPLIERS = tuple(2**k for k in range(8))  # base ×1 … ×128, as in the CowClip paper
-DENSE_OPTIMIZERS: tuple[str, ...] = get_args(DenseOptimConfig.model_fields["name"].annotation)
 # Config keys every run sets itself: a --set of one would be silently overwritten.
 PER_RUN_KEYS = {
     "data.batch_size": "--batch-sizes",
     "optim.schedule.rule": "--rules",
+    "optim.cowclip.mode": "--rules",
     "train.seed": "--seeds",
 }
 CSV_COLUMNS = (
@@ -91,26 +90,34 @@ class BenchTable(Section):
 
 @dataclass(frozen=True)
 class RuleVariant:
-    """`rule` or `rule+dense`: a scaling rule, optionally with another dense optimizer."""
+    """`rule` or `rule+dense`: a scaling rule, optionally with another dense optimizer. The
+    `cowclip` rule runs with the clip on (`optim.cowclip.mode = "paper"`), the others with it
+    off, so each column is the method its name says."""
 
     name: str
-    scaling_rule: str
-    dense_optimizer: str | None
+    scaling_rule: ScalingRule
+    dense_optimizer: DenseOptimizerName | None
 
     def overrides(self) -> list[str]:
         dense = [f'optim.dense.name="{self.dense_optimizer}"'] if self.dense_optimizer else []
-        return [f'optim.schedule.rule="{self.scaling_rule}"', *dense]
+        clip = ClipMode.PAPER if self.scaling_rule == ScalingRule.COWCLIP else ClipMode.OFF
+        return [
+            f'optim.schedule.rule="{self.scaling_rule}"',
+            f'optim.cowclip.mode="{clip}"',
+            *dense,
+        ]
 
 
 def parse_rule(name: str) -> RuleVariant:
     rule, _, dense = name.partition("+")
-    if rule not in SCALING_RULES or (dense and dense not in DENSE_OPTIMIZERS) or name.endswith("+"):
+    known = rule in tuple(ScalingRule) and (not dense or dense in tuple(DenseOptimizerName))
+    if not known or name.endswith("+"):
         raise CtrscaleError(
-            f"unknown rule {name!r}: a rule is one of {', '.join(SCALING_RULES)}, optionally "
-            f"followed by +DENSE with DENSE one of {', '.join(DENSE_OPTIMIZERS)} "
+            f"unknown rule {name!r}: a rule is one of {names(ScalingRule)}, optionally "
+            f"followed by +DENSE with DENSE one of {names(DenseOptimizerName)} "
             "(e.g. cowclip+lamb)"
         )
-    return RuleVariant(name, rule, dense or None)
+    return RuleVariant(name, ScalingRule(rule), DenseOptimizerName(dense) if dense else None)
 
 
 @dataclass(frozen=True)
@@ -324,7 +331,7 @@ def result_row(cell: Cell, config: Config, run_dir: Path, out: Path) -> dict[str
         "embedding_l2": hp["embedding_l2"],
         "dense_lr": hp["dense_lr"],
         "dense_warmup_steps": hp["dense_warmup_steps"],
-        "cowclip": hp["cowclip"],
+        "cowclip": hp["embedding"]["cowclip"]["mode"],
         "auc": metrics["auc"],
         "logloss": metrics["logloss"],
         "bayes_auc": metrics.get("bayes_auc"),

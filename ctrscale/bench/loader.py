@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from ctrscale.data import schema
 from ctrscale.data.loader import ParquetBatchLoader, resolve_parquet_files
+from ctrscale.files import write_json_atomic
 
 TARGET_ROWS_PER_S = 1_000_000
 ROW_GROUP_ROWS = 131_072  # what `ctrscale prepare` writes
@@ -41,7 +42,7 @@ def write_random_dataset(out_dir: Path, rows: int, seed: int = 0) -> None:
     table = pa.Table.from_pydict(columns, schema=schema.PARQUET_SCHEMA)
     (out_dir / "day=0").mkdir(parents=True)
     pq.write_table(table, out_dir / "day=0/part-00000.parquet", row_group_size=ROW_GROUP_ROWS)
-    schema.write_json_atomic(out_dir / schema.METADATA_FILE, {"table_sizes": sizes})
+    write_json_atomic(out_dir / schema.METADATA_FILE, {"table_sizes": sizes})
 
 
 def make_dataset(out_dir: Path, rows: int) -> str:
@@ -127,5 +128,5 @@ def run_cli(args: argparse.Namespace) -> int:
     print(report(results))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        schema.write_json_atomic(args.out, results)
+        write_json_atomic(args.out, results)
     return 0

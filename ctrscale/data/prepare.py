@@ -15,9 +15,7 @@ reader. Peak memory is a few chunks, independent of the input size.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import gzip
-import os
 import re
 import shutil
 import sys
@@ -39,6 +37,8 @@ from ctrscale.data import schema
 from ctrscale.data.schema import DENSE_FEATURES, LABEL, SPARSE_FEATURES, sha256_file
 from ctrscale.data.vocab import VOCAB_DIR, VocabCounter, Vocabulary
 from ctrscale.errors import CtrscaleError, DataError
+from ctrscale.files import publish_dir, write_json_atomic, write_text_atomic
+from ctrscale.locking import ExclusiveLock
 
 DEFAULT_ROW_GROUP_ROWS = 131_072
 DEFAULT_MAX_REJECT_FRACTION = 0.001
@@ -327,9 +327,7 @@ def _write_rejects(out_dir: Path, stats: InputStats) -> Path:
             f"{stats.source}\t{reject[_LINE_NO]}\t{reject['reason']}\t"
             f"{reject['column'] or ''}\t{reject['value']}"
         )
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(rows) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, "\n".join(rows) + "\n")
     return path
 
 
@@ -541,14 +539,6 @@ class DenseRange:
 # --- writing and publishing ---------------------------------------------------------------
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class PartitionWriter:
     """Parts of one day in a hidden temp dir: exact row groups, a fixed number per file.
 
@@ -637,20 +627,6 @@ class PartitionWriter:
         entry["sha256"] = sha256_file(self.tmp_dir / entry["path"], sync=True)
 
 
-def _publish(tmp_dir: Path, final_dir: Path) -> None:
-    """Swap the finished temp dir in; an existing partition is renamed aside, then deleted."""
-    _fsync_path(tmp_dir)
-    parent = final_dir.parent
-    aside = None
-    if final_dir.exists():
-        aside = parent / f".old-{final_dir.name}-{uuid.uuid4().hex[:8]}"
-        os.rename(final_dir, aside)
-    os.rename(tmp_dir, final_dir)
-    _fsync_path(parent)
-    if aside is not None:
-        shutil.rmtree(aside)
-
-
 def _convert_day(
     stats: InputStats,
     encoding: Encoding,
@@ -677,8 +653,8 @@ def _convert_day(
             "positives": stats.positives,
             "files": files,
         }
-        schema.write_json_atomic(tmp_dir / MANIFEST_FILE, manifest)
-        _publish(tmp_dir, out_dir / f"day={day}")
+        write_json_atomic(tmp_dir / MANIFEST_FILE, manifest)
+        publish_dir(tmp_dir, out_dir / f"day={day}")
     except BaseException:
         writer.abort()
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -711,27 +687,6 @@ def _assign_days(inputs: list[Path], days: list[int] | None) -> list[int]:
     if len(set(assigned)) != len(assigned):
         raise CtrscaleError(f"two inputs map to the same day ({assigned}); give distinct --day")
     return assigned
-
-
-class _DatasetLock:
-    """Exclusive right to write a dataset dir; a second prepare fails fast instead of racing."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / LOCK_FILE
-
-    def __enter__(self) -> _DatasetLock:
-        self._handle = open(self.path, "w")
-        try:
-            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._handle.close()
-            raise CtrscaleError(
-                f"{self.path} is locked: another `ctrscale prepare` is writing this dataset"
-            ) from None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._handle.close()
 
 
 def _remove_stale_temp_dirs(out_dir: Path) -> None:
@@ -789,7 +744,7 @@ def prepare_files(
     jobs = list(zip(inputs, _assign_days(inputs, days), strict=True))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _DatasetLock(out_dir):
+    with ExclusiveLock(out_dir / LOCK_FILE, "another `ctrscale prepare` is writing this dataset"):
         _remove_stale_temp_dirs(out_dir)
         if not overwrite:
             taken = [f"day={day}" for _, day in jobs if (out_dir / f"day={day}").exists()]
@@ -807,7 +762,7 @@ def prepare_files(
             raise
         finally:
             _finish_summary(summary, time.perf_counter() - started)
-            schema.write_json_atomic(out_dir / SUMMARY_FILE, summary)
+            write_json_atomic(out_dir / SUMMARY_FILE, summary)
     return summary
 
 
@@ -842,7 +797,7 @@ def _run(
             "positives": stats.positives,
             "source": str(source),
         }
-        schema.write_json_atomic(out_dir / schema.METADATA_FILE, meta)
+        write_json_atomic(out_dir / schema.METADATA_FILE, meta)
         progress(_describe_input(stats.summary()))
 
 

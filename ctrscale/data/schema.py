@@ -78,13 +78,3 @@ def sha256_file(path: str | Path, *, sync: bool = False) -> str:
         if sync:
             os.fsync(handle.fileno())
     return digest.hexdigest()
-
-
-def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write JSON so that readers see either the old file or the complete new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    tmp.replace(path)

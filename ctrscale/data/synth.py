@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from ctrscale import metrics
 from ctrscale.data import schema
 from ctrscale.errors import CtrscaleError
+from ctrscale.files import write_json_atomic
 
 GENERATOR = "ctrscale.synth"
 CHUNK_ROWS = 131_072  # one random stream and one Parquet row group (the loader's unit)
@@ -410,7 +411,7 @@ def generate(
             all_counts += counts
             metadata["splits"][f"day={day}"] = _split_metrics(counts)
             metadata["splits"]["all"] = _split_metrics(all_counts)
-            schema.write_json_atomic(out / schema.METADATA_FILE, metadata)
+            write_json_atomic(out / schema.METADATA_FILE, metadata)
     return metadata
 
 

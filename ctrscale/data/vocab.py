@@ -8,7 +8,6 @@ ids for every later day so that ids stay stable across days.
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import pyarrow.parquet as pq
 
 from ctrscale.data.schema import SPARSE_FEATURES
 from ctrscale.errors import CtrscaleError
+from ctrscale.files import publish_dir
 
 MISSING_ID = 0
 OOV_ID = 1
@@ -129,9 +129,7 @@ class Vocabulary:
                     "count",
                 )
                 pq.write_table(readable.to_arrow(), tmp / f"{name}.parquet")
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            publish_dir(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -97,6 +97,14 @@ def init_distributed(config: DistributedConfig, timeout_s: float = 1800.0) -> Di
     return DistContext(rank, world_size, local_rank, local_world_size, device, backend)
 
 
+def global_sum(values: list[torch.Tensor | float], device: torch.device) -> list[float]:
+    """Sums over every rank, in one all-reduce (a no-op in a single process)."""
+    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
 def shutdown_distributed() -> None:
     """Destroy the process groups and join their threads while the interpreter is alive.
 

@@ -1,11 +1,11 @@
 """Sharding plans and the DistributedModelParallel wrapper.
 
-Every embedding table is either *fused* (table-/column-/row-wise shards whose optimizer runs
-inside FBGEMM's backward, so no table-sized gradient ever exists) or *data-parallel* (a
-replicated table with an ordinary all-reduced `.grad`, which the trainer then updates with the
-same embedding-optimizer settings). `auto` lets TorchRec's planner pick among the fused types;
-data-parallel is used only when asked for, because the planner would otherwise replicate every
-small table and silently route it to a different optimizer path.
+Every embedding table is either *sharded* (table-/column-/row-wise shards in FBGEMM TBEs,
+updated inside FBGEMM's backward or right after it, so no table-sized gradient ever exists) or
+*data-parallel* (a replicated table with an ordinary all-reduced `.grad`); the embedding update
+(`ctrscale/optim/embedding/`) applies the same optimizer settings to both. `auto` lets
+TorchRec's planner pick among the sharded types; data-parallel is used only when asked for,
+because the planner would otherwise replicate every small table onto a dense kernel.
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from fbgemm_gpu.tbe.config.optimizer_config import CowClipDefinition, WeightDecayMode
-from torch import Tensor, nn
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -28,152 +26,51 @@ from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from ctrscale.config import OptimConfig
+from ctrscale.choices import ShardingChoice
 from ctrscale.distributed.context import DistContext
 from ctrscale.errors import CtrscaleError
 
 # Pooled-table sharding types TorchRec can run per device. Row-wise needs reduce-scatter,
 # which gloo lacks, so TorchRec refuses it on CPU ("No available sharding type and compute
 # kernel combination").
-SHARDING_TYPES = {
-    "cpu": ("table_wise", "column_wise", "table_column_wise", "data_parallel"),
-    "cuda": (
-        "table_wise",
-        "column_wise",
-        "table_column_wise",
-        "row_wise",
-        "table_row_wise",
-        "data_parallel",
+SHARDING_TYPES: dict[str, tuple[ShardingChoice, ...]] = {
+    "cpu": (
+        ShardingChoice.TABLE_WISE,
+        ShardingChoice.COLUMN_WISE,
+        ShardingChoice.TABLE_COLUMN_WISE,
+        ShardingChoice.DATA_PARALLEL,
     ),
-}
-
-# FBGEMM optimizers fused into the TBE backward, per device (CPU kernels exist only for these;
-# ADAM and the others raise "not supported in CPU mode").
-FUSED_OPTIMIZERS = {
-    "cpu": {
-        "sgd": EmbOptimType.EXACT_SGD,
-        "adagrad": EmbOptimType.EXACT_ADAGRAD,
-        "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-    },
-    "cuda": {
-        "sgd": EmbOptimType.EXACT_SGD,
-        "adagrad": EmbOptimType.EXACT_ADAGRAD,
-        "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-        "adam": EmbOptimType.ADAM,
-    },
+    "cuda": tuple(choice for choice in ShardingChoice if choice != ShardingChoice.AUTO),
 }
 
 
-def has_fused_adam(device: torch.device) -> bool:
-    return "adam" in FUSED_OPTIMIZERS[device.type]
-
-
-def sharded_like_weights(
-    model_state: dict[str, Any], moments: dict[str, tuple[Tensor, Tensor]]
-) -> dict[str, Any]:
-    """RowAdam's moments laid out like the tables they belong to, for DCP: a ShardedTensor
-    with the weight's shard metadata for a sharded table (so a checkpoint re-shards), a plain
-    tensor for a replicated one. `moments` is keyed by `table@row_offset,col_offset`."""
-    by_table: dict[str, dict[tuple[int, int], tuple[Tensor, Tensor]]] = {}
-    for key, pair in moments.items():
-        table, offsets = key.split("@")
-        row, col = (int(x) for x in offsets.split(","))
-        by_table.setdefault(table, {})[(row, col)] = pair
-    state: dict[str, Any] = {}
-    for name, weight in model_state.items():
-        table = name.rsplit(".", 2)[-2] if name.endswith(".weight") else None
-        if table not in by_table:
-            continue
-        for slot, moment in enumerate(("exp_avg", "exp_avg_sq")):
-            if isinstance(weight, ShardedTensor):
-                shards = [
-                    Shard(by_table[table][tuple(s.metadata.shard_offsets)][slot], s.metadata)
-                    for s in weight.local_shards()
-                ]
-                state[f"{table}.{moment}"] = (
-                    ShardedTensor._init_from_local_shards_and_global_metadata(
-                        shards, weight.metadata(), process_group=weight._process_group
-                    )
-                )
-            else:
-                state[f"{table}.{moment}"] = by_table[table][(0, 0)][slot]
-    return state
-
-
-def allowed_sharding_types(device: torch.device) -> tuple[str, ...]:
+def allowed_sharding_types(device: torch.device) -> tuple[ShardingChoice, ...]:
     return SHARDING_TYPES[device.type]
 
 
-def check_sharding_type(requested: str, device: torch.device) -> None:
-    if requested != "auto" and requested not in allowed_sharding_types(device):
+def check_sharding_type(requested: ShardingChoice, device: torch.device) -> None:
+    if requested != ShardingChoice.AUTO and requested not in allowed_sharding_types(device):
+        possible = ", ".join(choice.value for choice in allowed_sharding_types(device))
         raise CtrscaleError(
             f"distributed.sharding_type={requested} is not available on {device.type}; "
-            f"possible: auto, {', '.join(allowed_sharding_types(device))}"
+            f"possible: auto, {possible}"
             + (" (row-wise needs reduce-scatter, which gloo lacks)" if device.type == "cpu" else "")
         )
 
 
-def fused_optimizer_params(optim: OptimConfig, device: torch.device) -> dict[str, Any]:
-    """FBGEMM TBE arguments that make the embedding optimizer run inside the backward.
-
-    L2 is not passed to FBGEMM: ctrscale adds it to the gradient itself (embedding_grad.py), so
-    that it is the same on every device and for every optimizer, and precedes CowClip.
-    """
-    config = optim.embedding
-    available = FUSED_OPTIMIZERS[device.type]
-    if config.name == "adam" and config.name not in available:
-        # ctrscale's RowAdam applies Adam after the backward (row_adam.py); FBGEMM's kernel
-        # still runs the backward, as a zero-LR SGD that leaves the weights alone.
-        return {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.0}
-    if config.name not in available:
-        raise CtrscaleError(
-            f"optim.embedding.name={config.name} has no fused FBGEMM kernel on {device.type}; "
-            f"fused there: {', '.join(available)}"
-        )
-    params: dict[str, Any] = {"optimizer": available[config.name], "learning_rate": config.lr}
-    if config.name in ("adagrad", "rowwise_adagrad", "adam"):
-        params["eps"] = config.eps
-    if config.name == "adam":
-        params["beta1"], params["beta2"] = config.betas
-    if optim.cowclip.mode == "fbgemm_rowwise":
-        params.update(_fbgemm_cowclip(optim))
-    return params
-
-
-def _fbgemm_cowclip(optim: OptimConfig) -> dict[str, Any]:
-    """FBGEMM's own CowClip variant: a running per-row counter instead of the batch count, and
-    it clips the row-wise Adagrad step, not the gradient. Not the paper's Algorithm 1."""
-    if optim.embedding.name != "rowwise_adagrad":
-        raise CtrscaleError(
-            "optim.cowclip.mode=fbgemm_rowwise needs optim.embedding.name=rowwise_adagrad "
-            f"(FBGEMM implements it only there; got {optim.embedding.name})"
-        )
-    if optim.cowclip.zeta is None:
-        raise CtrscaleError(
-            "optim.cowclip.mode=fbgemm_rowwise takes its lower bound from optim.cowclip.zeta; "
-            "set it (the official-code `bound` convention applies to mode=paper only)"
-        )
-    return {
-        "weight_decay_mode": WeightDecayMode.COWCLIP,
-        "cowclip_regularization": CowClipDefinition(
-            counter_halflife=-1,
-            weight_norm_coefficient=optim.cowclip.r,
-            lower_bound=optim.cowclip.zeta,
-        ),
-    }
-
-
 def _table_constraints(
     ebc: EmbeddingBagCollection,
-    sharding_type: str,
+    sharding_type: ShardingChoice,
     device: torch.device,
     column_shard_dim: int | None,
 ) -> dict[str, ParameterConstraints]:
-    if sharding_type == "data_parallel":
-        kinds, kernels = ["data_parallel"], [EmbeddingComputeKernel.DENSE.value]
+    if sharding_type == ShardingChoice.DATA_PARALLEL:
+        kinds, kernels = [ShardingType.DATA_PARALLEL.value], [EmbeddingComputeKernel.DENSE.value]
     else:
-        fused_types = [t for t in allowed_sharding_types(device) if t != "data_parallel"]
-        kinds = fused_types if sharding_type == "auto" else [sharding_type]
+        fused_types = [
+            t.value for t in allowed_sharding_types(device) if t != ShardingChoice.DATA_PARALLEL
+        ]
+        kinds = fused_types if sharding_type == ShardingChoice.AUTO else [sharding_type.value]
         kernels = [EmbeddingComputeKernel.FUSED.value]
     return {
         table.name: ParameterConstraints(
@@ -188,16 +85,17 @@ def shard_model(
     ebc: EmbeddingBagCollection,
     ctx: DistContext,
     *,
-    sharding_type: str,
-    optim: OptimConfig,
+    sharding_type: ShardingChoice,
+    fused_params: dict[str, Any],
     local_batch_size: int,
     column_shard_dim: int | None = None,
 ) -> DistributedModelParallel:
-    """Plan and shard `model`'s embedding tables; dense layers become data-parallel (DDP)."""
+    """Plan and shard `model`'s embedding tables; dense layers become data-parallel (DDP).
+
+    `fused_params`: the FBGEMM arguments of fused tables (`EmbeddingUpdate.fused_params`)."""
     check_sharding_type(sharding_type, ctx.device)
-    fused_params = (
-        None if sharding_type == "data_parallel" else fused_optimizer_params(optim, ctx.device)
-    )
+    if sharding_type == ShardingChoice.DATA_PARALLEL:
+        fused_params = None  # no fused table
     sharders = [EmbeddingBagCollectionSharder(fused_params=fused_params)]
     planner = EmbeddingShardingPlanner(
         topology=Topology(
@@ -210,16 +108,6 @@ def shard_model(
     )
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     return DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders)
-
-
-def data_parallel_table_names(dmp: DistributedModelParallel) -> list[str]:
-    """Tables replicated with a dense kernel (ordinary `.grad`s, not fused)."""
-    return [
-        name
-        for module_plan in dmp.plan.plan.values()
-        for name, option in module_plan.items()
-        if option.sharding_type == ShardingType.DATA_PARALLEL.value
-    ]
 
 
 # Rows initialised per seeded block: bounds the temporary memory of initialising a big table.

@@ -41,20 +41,23 @@ from pathlib import Path
 from typing import Any
 
 from ctrscale.config import Config, config_to_toml, load_config, save_config
-from ctrscale.errors import CtrscaleError
+from ctrscale.errors import CtrscaleError, ExitCode
 from ctrscale.jobs.launch import run_evaluation, run_training
-from ctrscale.jobs.lock import LockHeld, RegistryLock, describe_holder
 from ctrscale.jobs.partitions import encoding_fingerprint, ensure_partition
 from ctrscale.jobs.registry import CONFIG, Registry
+from ctrscale.locking import ExclusiveLock, describe_holder
 from ctrscale.train import checkpoint
-from ctrscale.train.loop import resolve_checkpoint
+from ctrscale.train.checkpoint import resolve_checkpoint
 
-EXIT_PUBLISHED = 0
-EXIT_UNEXPECTED = 1
-EXIT_BAD_INPUT = 2
-EXIT_REJECTED = 3
-EXIT_LOCKED = 4
-STATUS = {0: "ok", 1: "failed", 2: "bad_input", 3: "rejected", 4: "locked"}
+STATUS = {
+    ExitCode.OK: "ok",
+    ExitCode.UNEXPECTED: "failed",
+    ExitCode.BAD_INPUT: "bad_input",
+    ExitCode.REJECTED: "rejected",
+    ExitCode.LOCKED: "locked",
+    ExitCode.DIVERGED: "diverged",
+}
+LOCK_FILE = ".lock"
 
 log = logging.getLogger("ctrscale.refresh")
 
@@ -63,7 +66,7 @@ log = logging.getLogger("ctrscale.refresh")
 class DayResult:
     date: str
     status: str  # published, already_published, behind_latest, rejected, bad_input, failed
-    exit_code: int = EXIT_PUBLISHED
+    exit_code: ExitCode = ExitCode.OK
     detail: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -132,7 +135,8 @@ class RefreshJob:
 
     def run(self, days: list[Date]) -> list[DayResult]:
         """Refresh `days` in order under the registry lock; raises `LockHeld` when taken."""
-        with RegistryLock(self.registry.root) as lock:
+        lock_file = self.registry.root / LOCK_FILE
+        with ExclusiveLock(lock_file, "another `ctrscale refresh` is using this registry") as lock:
             if lock.stale:
                 log.warning(
                     "took over the lock left by %s, which is no longer running",
@@ -142,7 +146,7 @@ class RefreshJob:
             results: list[DayResult] = []
             for day in days:
                 results.append(self._run_day(day, replay=len(days) > 1))
-                if results[-1].exit_code in (EXIT_UNEXPECTED, EXIT_BAD_INPUT):
+                if results[-1].exit_code not in (ExitCode.OK, ExitCode.REJECTED):
                     break
             return results
 
@@ -152,11 +156,12 @@ class RefreshJob:
             result = self._refresh(day, replay=replay)
         except CtrscaleError as exc:
             log.error("%s: %s", day, exc)
-            result = DayResult(str(day), "bad_input", EXIT_BAD_INPUT, {"error": str(exc)})
+            status = STATUS[exc.exit_code]
+            result = DayResult(str(day), status, exc.exit_code, {"error": str(exc)})
         except Exception as exc:
             log.exception("%s: unexpected failure; a rerun resumes where this one stopped", day)
             error = f"{type(exc).__name__}: {exc}"
-            result = DayResult(str(day), "failed", EXIT_UNEXPECTED, {"error": error})
+            result = DayResult(str(day), "failed", ExitCode.UNEXPECTED, {"error": error})
         result.detail["seconds"] = round(time.monotonic() - started, 1)
         log.info("%s: %s", day, result.status)
         return result
@@ -226,12 +231,12 @@ class RefreshJob:
             model = self.registry.publish(date, candidate_checkpoint, work / "train.toml", record)
             shutil.rmtree(work)
             log.info("%s: published %s; latest = %s", date, model, date)
-            return DayResult(date, "published", EXIT_PUBLISHED, {**detail, "model": str(model)})
+            return DayResult(date, "published", ExitCode.OK, {**detail, "model": str(model)})
         # The rejected checkpoint is not kept: it is reproducible, and days of them would fill
         # the disk; its metrics and config are.
         where = self.registry.reject(date, train_config, record)
         shutil.rmtree(work)
-        return DayResult(date, "rejected", EXIT_REJECTED, {**detail, "rejected": str(where)})
+        return DayResult(date, "rejected", ExitCode.REJECTED, {**detail, "rejected": str(where)})
 
     def _prepare(self, day: Date) -> tuple[str, list[str], list[str]]:
         """The new day's partition, the days to train on, the eval data (next day or none)."""
@@ -312,11 +317,12 @@ def requested_days(on: str | None, first: str | None = None, last: str | None = 
     return [start + timedelta(offset) for offset in range((end - start).days + 1)]
 
 
-def overall_exit_code(results: list[DayResult]) -> int:
-    failed = [r.exit_code for r in results if r.exit_code in (EXIT_UNEXPECTED, EXIT_BAD_INPUT)]
+def overall_exit_code(results: list[DayResult]) -> ExitCode:
+    failed = [r.exit_code for r in results if r.exit_code not in (ExitCode.OK, ExitCode.REJECTED)]
     if failed:
         return failed[0]
-    return EXIT_REJECTED if any(r.exit_code == EXIT_REJECTED for r in results) else EXIT_PUBLISHED
+    rejected = any(r.exit_code == ExitCode.REJECTED for r in results)
+    return ExitCode.REJECTED if rejected else ExitCode.OK
 
 
 def _configure_logging() -> None:
@@ -349,21 +355,17 @@ def run_cli(args: argparse.Namespace) -> int:
             results = job.run(days)
         summary["days"] = [result.as_dict() for result in results]
         code = overall_exit_code(results)
-    except LockHeld as exc:
-        log.error("%s", exc)
-        summary["error"] = str(exc)
-        code = EXIT_LOCKED
     except CtrscaleError as exc:
         log.error("%s", exc)
         summary["error"] = str(exc)
-        code = EXIT_BAD_INPUT
+        code = exc.exit_code
     except Exception as exc:
         log.exception("unexpected failure")
         summary["error"] = f"{type(exc).__name__}: {exc}"
-        code = EXIT_UNEXPECTED
+        code = ExitCode.UNEXPECTED
     summary.update(
         status=STATUS[code],
-        exit_code=code,
+        exit_code=int(code),
         registry=None if registry is None else str(registry.root),
         latest=None if registry is None else registry.latest(),
         seconds=round(time.monotonic() - started, 1),

@@ -12,7 +12,7 @@ Layout of a registry directory R (dates are YYYY-MM-DD):
     R/publishing            journal of a publish in progress: the date being published
     R/rejected/<date>/      metrics.json + config.toml of a candidate the gate turned down
     R / work / <date>       the date's training run; a rerun after a crash resumes from it
-    R/.lock                 see lock.py
+    R/.lock                 the refresh lock (ctrscale/locking.py)
 
 Publishing is crash-safe: the model is assembled in a hidden `models/.tmp-<date>-…` directory,
 renamed to `models/<date>` (atomic), then `latest` is replaced (atomic). `publishing` records
@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from ctrscale.config import Config, save_config
-from ctrscale.data.schema import sha256_file, write_json_atomic
+from ctrscale.data.schema import sha256_file
 from ctrscale.errors import CtrscaleError
+from ctrscale.files import fsync_path, write_json_atomic, write_text_atomic
 
 MODELS = "models"
 LATEST = "latest"
@@ -56,23 +57,6 @@ log = logging.getLogger("ctrscale.refresh")
 
 class RegistryError(CtrscaleError):
     """A registry entry that is not what its manifest says."""
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's or a directory's entries to disk (a rename is durable only after this)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    tmp.replace(path)
-    _fsync(path.parent)
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -169,7 +153,7 @@ class Registry:
             date = journal.read_text().strip()
             if self.is_published(date) and self.latest() != date:
                 log.info("finishing the interrupted publish of %s: pointing latest at it", date)
-                _write_text_atomic(self.root / LATEST, date + "\n")
+                write_text_atomic(self.root / LATEST, date + "\n")
             journal.unlink()
         for work in (self.root / WORK).glob("*"):
             if self.is_published(work.name):
@@ -184,7 +168,7 @@ class Registry:
         if final.exists():
             raise RegistryError(f"{final} already exists; a published model is never replaced")
         final.parent.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(self.root / JOURNAL, date + "\n")
+        write_text_atomic(self.root / JOURNAL, date + "\n")
         staging = final.parent / f"{STAGING_PREFIX}{date}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
         shutil.copytree(checkpoint, staging / CHECKPOINT, copy_function=_link_or_copy)
@@ -192,7 +176,7 @@ class Registry:
         write_json_atomic(staging / METRICS, metrics)
         files = []
         for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-            _fsync(path)
+            fsync_path(path)
             files.append(
                 {
                     "path": str(path.relative_to(staging)),
@@ -203,12 +187,12 @@ class Registry:
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_json_atomic(staging / MANIFEST, {"date": date, "created": created, "files": files})
         for directory in [*(p for p in staging.rglob("*") if p.is_dir()), staging]:
-            _fsync(directory)
+            fsync_path(directory)
         pause_if_requested("rename")
         staging.rename(final)
-        _fsync(final.parent)
+        fsync_path(final.parent)
         pause_if_requested("latest")
-        _write_text_atomic(self.root / LATEST, date + "\n")
+        write_text_atomic(self.root / LATEST, date + "\n")
         (self.root / JOURNAL).unlink()
         shutil.rmtree(self.rejected_dir(date), ignore_errors=True)  # superseded by this model
         return final

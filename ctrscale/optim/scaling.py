@@ -6,9 +6,10 @@ With s = batch_size / base_batch_size:
 - `linear`:  every learning rate × s (Goyal et al., 2017).
 - `sqrt`:    every learning rate × √s (Krizhevsky, 2014; Hoffer et al., 2017).
 - `cowclip`: embedding LR unchanged, embedding L2 × s, dense LR × √s, the dense LR warmed up
-  linearly over the first epoch, and CowClip on (Zheng et al., AAAI 2023, Sec. 4 and the
-  LargeBatchCTR README: Criteo 1K → 128K keeps lr_embed 1e-4, l2 1e-5·s, lr 8e-4·√s, warmup 1).
+  linearly over the first epoch (Zheng et al., AAAI 2023, Sec. 4 and the LargeBatchCTR
+  README: Criteo 1K → 128K keeps lr_embed 1e-4, l2 1e-5·s, lr 8e-4·√s, warmup 1).
 
+A rule sets learning rates, L2 and warm-up only; whether the clip runs is `optim.cowclip.mode`.
 The warm-up applies to the dense LR; embedding LRs are never warmed up (as in LargeBatchCTR).
 """
 
@@ -18,9 +19,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ctrscale.choices import ScalingRule, names
+from ctrscale.config import Config, OptimConfig
 from ctrscale.errors import CtrscaleError
-
-SCALING_RULES = ("none", "linear", "sqrt", "cowclip")
 
 
 class HyperparameterError(CtrscaleError, ValueError):
@@ -35,9 +36,8 @@ class ResolvedHyperparameters:
     embedding_l2: float
     dense_lr: float
     dense_warmup_steps: int
-    cowclip: bool
     scale: float
-    rule: str
+    rule: ScalingRule
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,7 +49,7 @@ def _require(condition: bool, message: str) -> None:
 
 
 def resolve(
-    rule: str,
+    rule: ScalingRule,
     base_batch_size: int,
     batch_size: int,
     embedding_lr: float,
@@ -65,9 +65,10 @@ def resolve(
     given, else one epoch for `cowclip` and none for the other rules.
     """
     _require(
-        rule in SCALING_RULES,
-        f"scaling rule {rule!r} is unknown; valid rules: {', '.join(SCALING_RULES)}",
+        rule in tuple(ScalingRule),
+        f"scaling rule {rule!r} is unknown; valid rules: {names(ScalingRule)}",
     )
+    rule = ScalingRule(rule)
     _require(base_batch_size > 0, f"base_batch_size must be positive (got {base_batch_size})")
     _require(batch_size > 0, f"batch_size must be positive (got {batch_size})")
     _require(steps_per_epoch > 0, f"steps_per_epoch must be positive (got {steps_per_epoch})")
@@ -80,14 +81,17 @@ def resolve(
     )
 
     scale = batch_size / base_batch_size
-    lr_factor = {"none": 1.0, "linear": scale, "sqrt": math.sqrt(scale)}
-    if rule == "cowclip":
+    lr_factor = {
+        ScalingRule.NONE: 1.0,
+        ScalingRule.LINEAR: scale,
+        ScalingRule.SQRT: math.sqrt(scale),
+    }
+    if rule == ScalingRule.COWCLIP:
         return ResolvedHyperparameters(
             embedding_lr=embedding_lr,
             embedding_l2=embedding_l2 * scale,
             dense_lr=dense_lr * math.sqrt(scale),
             dense_warmup_steps=steps_per_epoch if warmup_steps is None else warmup_steps,
-            cowclip=True,
             scale=scale,
             rule=rule,
         )
@@ -96,7 +100,28 @@ def resolve(
         embedding_l2=embedding_l2,
         dense_lr=dense_lr * lr_factor[rule],
         dense_warmup_steps=warmup_steps or 0,
-        cowclip=False,
         scale=scale,
         rule=rule,
     )
+
+
+def resolve_hyperparameters(config: Config, steps_per_epoch: int) -> ResolvedHyperparameters:
+    """The run's values: `config.optim`'s base-batch values scaled to `data.batch_size`."""
+    optim = config.optim
+    return resolve(
+        optim.schedule.rule,
+        base_batch_size=optim.schedule.base_batch_size,
+        batch_size=config.data.batch_size,
+        embedding_lr=optim.embedding.lr,
+        embedding_l2=optim.embedding.l2,
+        dense_lr=optim.dense.lr,
+        steps_per_epoch=steps_per_epoch,
+        warmup_steps=optim.schedule.warmup_steps,
+    )
+
+
+def scaled(optim: OptimConfig, hp: ResolvedHyperparameters) -> OptimConfig:
+    """`optim` with the learning rates and L2 of the run's batch size."""
+    embedding = optim.embedding.model_copy(update={"lr": hp.embedding_lr, "l2": hp.embedding_l2})
+    dense = optim.dense.model_copy(update={"lr": hp.dense_lr})
+    return optim.model_copy(update={"embedding": embedding, "dense": dense})

@@ -1,4 +1,5 @@
-"""Sharded, atomic, resumable checkpoints with `torch.distributed.checkpoint` (DCP).
+"""Sharded, atomic, resumable checkpoints with `torch.distributed.checkpoint` (DCP), and the
+`Checkpointer` that decides when a run saves and what it starts from.
 
 Layout of a checkpoint directory:
     step-00000120/        one DCP checkpoint (every rank writes its own shards)
@@ -21,17 +22,21 @@ import io
 import json
 import pickle
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata
 
-from ctrscale.data.schema import write_json_atomic
 from ctrscale.errors import CtrscaleError
+from ctrscale.files import publish_dir, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from ctrscale.data.loader import ParquetBatchLoader
+    from ctrscale.train.step import Trainer
 
 LATEST = "latest"
 STATE_FILE = "state.json"
@@ -132,12 +137,8 @@ def save_checkpoint(
     _barrier()
     if _is_main():
         write_json_atomic(staging / STATE_FILE, {**state, "step": step})
-        if final.exists():  # a re-run that reached the same step: replace it
-            shutil.rmtree(final)
-        staging.rename(final)
-        pointer_tmp = directory / f".{LATEST}.tmp"
-        pointer_tmp.write_text(final.name + "\n")
-        pointer_tmp.replace(directory / LATEST)
+        publish_dir(staging, final)  # a re-run that reached the same step replaces it
+        write_text_atomic(directory / LATEST, final.name + "\n")
         _prune(directory, keep=keep, current=final)
     _barrier()
     return final
@@ -161,9 +162,76 @@ def load_checkpoint(path: str | Path, tensors: dict[str, Any]) -> dict[str, Any]
     return json.loads((path / STATE_FILE).read_text())
 
 
-def rng_states() -> dict[str, torch.Tensor]:
-    return {"torch": torch.get_rng_state()}
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A `step-N` checkpoint, or the newest one of a checkpoints directory or run directory."""
+    path = Path(path)
+    if (path / STATE_FILE).exists():
+        return path
+    for directory in (path, path / "checkpoints"):
+        if (directory / LATEST).exists():
+            return latest_checkpoint(directory)
+    raise CtrscaleError(f"{path}: not a checkpoint, nor a directory with a `latest` checkpoint")
 
 
-def restore_rng_states(states: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(states["torch"])
+def load_into(trainer: Trainer, path: Path, with_optimizer: bool) -> dict[str, Any]:
+    """Load a checkpoint into `trainer` (model, and optimizers unless not asked for); returns
+    the checkpoint's JSON state."""
+    tensors = trainer.tensors_to_load(with_optimizer)
+    state = load_checkpoint(path, tensors)
+    trainer.load_state_tensors(tensors)
+    return state
+
+
+@dataclass
+class Progress:
+    """Where a run is: optimizer steps taken, the epoch, global rows trained on."""
+
+    step: int = 0
+    epoch: int = 0
+    rows_seen: int = 0
+
+    def advance(self, global_rows: int) -> None:
+        self.step += 1
+        self.rows_seen += global_rows
+
+
+class Checkpointer:
+    """A run's `checkpoints/` directory: saves every `every` steps (and when asked at the
+    end), restores the latest checkpoint with the loader's position, or warm-starts."""
+
+    def __init__(
+        self, directory: Path, every: int | None, trainer: Trainer, loader: ParquetBatchLoader
+    ) -> None:
+        self.directory = directory
+        self.every = every
+        self.trainer = trainer
+        self.loader = loader
+
+    def has_checkpoint(self) -> bool:
+        return (self.directory / LATEST).exists()
+
+    def restore(self) -> Progress | None:
+        """Continue from the latest checkpoint, exactly where it stopped; None without one."""
+        path = latest_checkpoint(self.directory)
+        if path is None:
+            return None
+        state = load_into(self.trainer, path, with_optimizer=True)
+        self.loader.load_state_dict(state["loader"])
+        return Progress(step=state["step"], epoch=state["epoch"], rows_seen=state["rows_seen"])
+
+    def warm_start(self, source: str | Path, with_optimizer: bool) -> None:
+        """Start from another run's model (and optimizer state): step and data start fresh."""
+        load_into(self.trainer, resolve_checkpoint(source), with_optimizer)
+
+    def after_step(self, progress: Progress) -> None:
+        if self.every and progress.step % self.every == 0:
+            self.save(progress)
+
+    def save(self, progress: Progress) -> None:
+        state = {
+            **asdict(progress),
+            "loader": self.loader.state_dict(),
+            "world_size": self.trainer.ctx.world_size,
+        }
+        del state["step"]  # save_checkpoint records it
+        save_checkpoint(self.directory, progress.step, self.trainer.state_tensors(), state)

@@ -7,7 +7,7 @@ synthetic data, the teacher's true probabilities of the same rows give the Bayes
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -86,3 +86,37 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device) -> EvalR
         result["bayes_auc"] = exact_auc(all_truth, all_labels)
         result["bayes_logloss"] = logloss(all_truth, all_labels)
     return EvalResult(**result)
+
+
+class PeriodicEvaluator:
+    """Scores the model every `every` steps and at the end of a run; `report(step, epoch,
+    result)` receives each result. The final evaluation reuses a periodic one made at the
+    same step instead of scoring the same model twice."""
+
+    def __init__(
+        self,
+        batches: Iterable,
+        every: int | None,
+        device: torch.device,
+        report: Callable[[int, int, EvalResult], None],
+    ) -> None:
+        self.batches = batches
+        self.every = every
+        self.device = device
+        self.report = report
+        self.last: tuple[int, EvalResult] | None = None
+
+    def after_step(self, model: nn.Module, step: int, epoch: int) -> None:
+        if self.every and step % self.every == 0:
+            self._evaluate(model, step, epoch)
+
+    def final(self, model: nn.Module, step: int, epoch: int) -> EvalResult:
+        if self.last is not None and self.last[0] == step:
+            return self.last[1]
+        return self._evaluate(model, step, epoch)
+
+    def _evaluate(self, model: nn.Module, step: int, epoch: int) -> EvalResult:
+        result = evaluate(model, self.batches, self.device)
+        self.last = (step, result)
+        self.report(step, epoch, result)
+        return result

@@ -1,15 +1,19 @@
 """Where a run reports: JSON lines (`metrics.jsonl`), a progress bar and optional TensorBoard,
-all on rank 0 only."""
+all on rank 0 only; and the training window that decides when a training record is due."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import torch
 from tqdm import tqdm
 
+from ctrscale.distributed.context import global_sum
 from ctrscale.errors import CtrscaleError
 
 
@@ -66,3 +70,65 @@ class MetricsLog:
             self._file.close()
         if self._writer is not None:
             self._writer.close()
+
+
+class HasRates(Protocol):
+    def learning_rates(self) -> dict[str, float]: ...
+
+
+class TrainingWindow:
+    """Loss and throughput since the last training record; writes one every `every` steps
+    and at the last step. Rows/s counts training time only: `paused()` wraps evaluation and
+    checkpointing. The loss sum stays a tensor between records, so a step never waits for it.
+    """
+
+    def __init__(self, log: MetricsLog, every: int, total_steps: int, device: torch.device) -> None:
+        self.log = log
+        self.every = every
+        self.total_steps = total_steps
+        self.device = device
+        self.train_seconds = 0.0
+        self.trained_rows = 0  # by this process: a resumed run's rows/s is its own
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.rows = 0
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def after_step(
+        self, step: int, epoch: int, loss_sum: torch.Tensor, rows: int, trainer: HasRates
+    ) -> None:
+        self.loss_sum += loss_sum
+        self.rows += rows
+        self.steps += 1
+        if step % self.every == 0 or step == self.total_steps:
+            self._record(step, epoch, trainer.learning_rates())
+
+    def _record(self, step: int, epoch: int, learning_rates: dict[str, float]) -> None:
+        (loss_sum,) = global_sum([self.loss_sum], self.device)
+        seconds = time.perf_counter() - self.start
+        rows_per_s = self.rows / seconds if seconds > 0 else 0.0
+        loss = loss_sum / max(self.rows, 1)  # rows are already global-batch rows
+        self.log.record(
+            "train",
+            step,
+            {"epoch": epoch, "loss": loss, "rows_per_s": rows_per_s, "lr": learning_rates},
+        )
+        self.log.progress(self.steps, loss=f"{loss:.4f}", rows_s=f"{rows_per_s:,.0f}")
+        self.train_seconds += seconds
+        self.trained_rows += self.rows
+        self._reset()
+
+    def rows_per_s(self) -> float:
+        """Global rows per second of training time over this process's recorded windows."""
+        return self.trained_rows / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        paused = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - paused

@@ -1,8 +1,9 @@
-"""The sharded model, its optimizers and gradient rewriting, and one training step.
+"""The sharded model with its two updates, and one training step.
 
 `build_trainer` is everything between a config and a model ready to step: the hyperparameters
-of the run's batch size (scaling rule), the model, its sharding plan, the deterministic table
-initialisation, the optimizers and the embedding-gradient hooks (L2, CowClip).
+of the run's batch size (scaling rule), the model, the embedding update (which decides how
+table rows change and what FBGEMM fuses), the sharding plan, the deterministic table
+initialisation, and the dense update.
 """
 
 from __future__ import annotations
@@ -12,36 +13,24 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from ctrscale.config import Config
 from ctrscale.distributed.context import DistContext
-from ctrscale.distributed.sharding import (
-    has_fused_adam,
-    initialize_tables,
-    shard_model,
-    sharded_like_weights,
-)
+from ctrscale.distributed.sharding import initialize_tables, shard_model
 from ctrscale.models import build_model
-from ctrscale.optim.builder import (
-    RunOptimizers,
-    build_optimizers,
-    gradient_rule,
-    module_path,
-    resolve_hyperparameters,
-    scaled,
-)
-from ctrscale.optim.embedding_grad import EmbeddingGradientTransform
-from ctrscale.optim.row_adam import RowAdam
-from ctrscale.optim.scaling import ResolvedHyperparameters
+from ctrscale.optim.dense_update import DenseUpdate
+from ctrscale.optim.embedding.update import EmbeddingUpdate
+from ctrscale.optim.scaling import ResolvedHyperparameters, resolve_hyperparameters, scaled
 
 
 @dataclass
 class Trainer:
     dmp: DistributedModelParallel
-    optimizers: RunOptimizers
-    gradients: EmbeddingGradientTransform | None
+    embedding: EmbeddingUpdate
+    dense: DenseUpdate
     hyperparameters: ResolvedHyperparameters
     ctx: DistContext
 
@@ -55,37 +44,55 @@ class Trainer:
         then equal the single-process gradient of the global batch's mean loss, also when the
         last batch leaves ranks with unequal rows.
         """
-        self.optimizers.zero_grad()
+        self.dense.zero_grad()
         logits = self.dmp(batch.dense_features, batch.sparse_features)
         loss_sum = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="sum")
         (loss_sum * (self.ctx.world_size / global_rows)).backward()
-        if self.gradients is not None:
-            self.gradients.after_backward(global_rows, self.ctx.device)
-        self.optimizers.step(step)
+        self.embedding.after_backward(global_rows)
+        self.dense.step(step)
         return loss_sum.detach()
 
-    @property
-    def row_adam(self) -> RowAdam | None:
-        return None if self.gradients is None else self.gradients.row_adam
-
     def learning_rates(self) -> dict[str, float]:
-        rates = self.optimizers.learning_rates()
-        if self.row_adam is not None:
-            rates["embedding"] = self.row_adam.lr
-        return rates
+        return {"embedding": self.embedding.learning_rate, "dense": self.dense.learning_rate}
+
+    def describe(self) -> dict[str, Any]:
+        """The hyperparameters the run really uses, as `hyperparameters.json` records them."""
+        return {
+            **self.hyperparameters.as_dict(),
+            "embedding": self.embedding.describe(),
+            "dense": {"optimizer": self.dense.config.name.value, "lr": self.dense.config.lr},
+        }
 
     def state_tensors(self, with_optimizer: bool = True) -> dict[str, Any]:
         """What a checkpoint holds (sharded tensors included), as DCP saves and loads it."""
         model = self.dmp.state_dict()
         tensors: dict[str, Any] = {"model": model}
         if with_optimizer:
-            tensors["optim"] = self.optimizers.combined.state_dict()
-            if self.row_adam is not None:
-                tensors["row_adam"] = {
-                    "step": self.row_adam.step,
-                    **sharded_like_weights(model, self.gradients.moment_shards),
-                }
+            tensors["dense_optim"] = self.dense.state_dict()
+            tensors["embedding_optim"] = self.embedding.state_tensors(
+                model, self.dmp.fused_optimizer
+            )
         return tensors
+
+    def tensors_to_load(self, with_optimizer: bool) -> dict[str, Any]:
+        if with_optimizer:
+            self.dense.materialize_state()
+        return self.state_tensors(with_optimizer)
+
+    def load_state_tensors(self, tensors: dict[str, Any]) -> None:
+        """After DCP has loaded into `tensors_to_load()`'s tensors: hand them to their owners
+        (row optimizer state was loaded in place)."""
+        self.dmp.load_state_dict(tensors["model"])
+        if "dense_optim" in tensors:
+            self.dense.load_state_dict(tensors["dense_optim"])
+            self.embedding.load_fused_state(tensors["embedding_optim"], self.dmp.fused_optimizer)
+
+
+def module_path(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise ValueError("the embedding collection is not a submodule of the model")
 
 
 def build_trainer(
@@ -99,27 +106,33 @@ def build_trainer(
     hyperparameters = resolve_hyperparameters(config, steps_per_epoch)
     optim = scaled(config.optim, hyperparameters)
     model = build_model(config.model, table_sizes, dense_device=ctx.device)
-    embedding_prefix = module_path(model, model.embedding_bag_collection)
-    tables = model.embedding_bag_collection.embedding_bag_configs()
+    ebc = model.embedding_bag_collection
+    embedding_prefix = module_path(model, ebc)
+    tables = ebc.embedding_bag_configs()
+    embedding = EmbeddingUpdate(
+        optim.embedding, optim.cowclip, config.distributed.sharding_type, ctx.device
+    )
     dmp = shard_model(
         model,
-        model.embedding_bag_collection,
+        ebc,
         ctx,
         sharding_type=config.distributed.sharding_type,
-        optim=optim,
+        fused_params=embedding.fused_params(),
         local_batch_size=config.data.batch_size // ctx.world_size,
         column_shard_dim=config.distributed.column_shard_dim,
     )
     initialize_tables(dmp, tables, embedding_prefix, config.train.seed)
-    optimizers = build_optimizers(
-        dmp, embedding_prefix, optim, hyperparameters.dense_warmup_steps, total_steps
+    embedding.attach(dmp, {t.embedding_dim for t in tables}, model.first_order_tables)
+    dense_parameters = {
+        name: param
+        for name, param in dmp.named_parameters()
+        if not name.startswith(embedding_prefix + ".")
+    }
+    dense = DenseUpdate(
+        dense_parameters,
+        optim.dense,
+        optim.schedule,
+        warmup_steps=hyperparameters.dense_warmup_steps,
+        total_steps=total_steps,
     )
-    rule = gradient_rule(optim, {t.embedding_dim for t in tables}, model.first_order_tables)
-    row_adam = None
-    if optim.embedding.name == "adam":
-        beta1, beta2 = optim.embedding.betas
-        row_adam = RowAdam(optim.embedding.lr, beta1, beta2, optim.embedding.eps)
-    gradients = EmbeddingGradientTransform.install(
-        dmp, rule, row_adam, fused_adam=has_fused_adam(ctx.device)
-    )
-    return Trainer(dmp, optimizers, gradients, hyperparameters, ctx)
+    return Trainer(dmp, embedding, dense, hyperparameters, ctx)

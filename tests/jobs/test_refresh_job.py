@@ -13,13 +13,9 @@ import pytest
 from jobs.harness import assert_dataset_consistent, assert_registry_consistent
 
 from ctrscale.data.schema import read_metadata
-from ctrscale.jobs.lock import RegistryLock
-from ctrscale.jobs.refresh import (
-    EXIT_BAD_INPUT,
-    EXIT_LOCKED,
-    EXIT_PUBLISHED,
-    EXIT_REJECTED,
-)
+from ctrscale.errors import ExitCode
+from ctrscale.jobs.refresh import LOCK_FILE
+from ctrscale.locking import ExclusiveLock
 
 DAYS = ["2024-01-01", "2024-01-02", "2024-01-03"]
 
@@ -30,7 +26,7 @@ def statuses(result) -> list[str]:
 
 def test_three_days_publish_three_models_with_stable_ids(refresh):
     first = refresh.run("--from", DAYS[0], "--to", DAYS[-1])
-    assert first.code == EXIT_PUBLISHED, first
+    assert first.code == ExitCode.OK, first
     assert statuses(first) == ["published"] * 3
     assert first.summary["latest"] == DAYS[-1]
     assert_registry_consistent(refresh.registry, DAYS, latest=DAYS[-1])
@@ -52,17 +48,17 @@ def test_three_days_publish_three_models_with_stable_ids(refresh):
 
     # The replay is resumable: published days are skipped, partitions are not prepared again.
     again = refresh.run("--from", DAYS[0], "--to", DAYS[-1])
-    assert again.code == EXIT_PUBLISHED, again
+    assert again.code == ExitCode.OK, again
     assert statuses(again) == ["already_published"] * 3
     # A single date behind `latest` would move it back in time.
     behind = refresh.run("--date", "2023-12-31")
-    assert behind.code == EXIT_BAD_INPUT, behind
+    assert behind.code == ExitCode.BAD_INPUT, behind
     assert "move `latest` back" in behind.summary["days"][0]["error"]
     assert_registry_consistent(refresh.registry, DAYS, latest=DAYS[-1])
 
 
 def test_a_corrupt_day_is_refused_and_latest_kept(refresh):
-    assert refresh.run("--date", DAYS[0]).code == EXIT_PUBLISHED
+    assert refresh.run("--date", DAYS[0]).code == ExitCode.OK
     corrupt = refresh.raw / "day_20240102.tsv"
     lines = corrupt.read_text().splitlines()
     corrupt.unlink()  # a symlink to the shared day: replace it, do not write through it
@@ -72,7 +68,7 @@ def test_a_corrupt_day_is_refused_and_latest_kept(refresh):
     )
 
     result = refresh.run("--date", DAYS[1])
-    assert result.code == EXIT_BAD_INPUT, result
+    assert result.code == ExitCode.BAD_INPUT, result
     assert result.summary["status"] == "bad_input"
     assert "rows rejected" in result.summary["days"][0]["error"]
     assert result.summary["latest"] == DAYS[0]
@@ -81,15 +77,15 @@ def test_a_corrupt_day_is_refused_and_latest_kept(refresh):
 
     # A missing raw day is bad input too.
     missing = refresh.run("--date", "2024-02-01")
-    assert missing.code == EXIT_BAD_INPUT, missing
+    assert missing.code == ExitCode.BAD_INPUT, missing
     assert "no raw input" in missing.summary["days"][0]["error"]
 
 
 def test_a_worse_candidate_is_not_published(refresh):
-    assert refresh.run("--date", DAYS[0]).code == EXIT_PUBLISHED
+    assert refresh.run("--date", DAYS[0]).code == ExitCode.OK
     # A tolerance of -1 demands an AUC one above the published model's: impossible.
     rejected = refresh.run("--date", DAYS[1], **{"refresh.auc_tolerance": -1.0})
-    assert rejected.code == EXIT_REJECTED, rejected
+    assert rejected.code == ExitCode.REJECTED, rejected
     assert rejected.summary["status"] == "rejected"
     assert rejected.summary["latest"] == DAYS[0]
     record = json.loads((refresh.registry / "rejected" / DAYS[1] / "metrics.json").read_text())
@@ -100,7 +96,7 @@ def test_a_worse_candidate_is_not_published(refresh):
 
     # Run again with the normal gate (from scratch this time): published, rejection cleared.
     accepted = refresh.run("--date", DAYS[1], "--from-scratch")
-    assert accepted.code == EXIT_PUBLISHED, accepted
+    assert accepted.code == ExitCode.OK, accepted
     assert not (refresh.registry / "rejected" / DAYS[1]).exists()
     record = json.loads((refresh.registry / "models" / DAYS[1] / "metrics.json").read_text())
     assert record["warm_start"] is None
@@ -108,11 +104,11 @@ def test_a_worse_candidate_is_not_published(refresh):
 
 
 def test_a_second_refresh_fails_fast_while_the_registry_is_locked(refresh):
-    with RegistryLock(refresh.registry):
+    with ExclusiveLock(refresh.registry / LOCK_FILE, "held by this test"):
         started = time.monotonic()
         blocked = refresh.run("--date", DAYS[0])
         elapsed = time.monotonic() - started
-    assert blocked.code == EXIT_LOCKED, blocked
+    assert blocked.code == ExitCode.LOCKED, blocked
     assert blocked.summary["status"] == "locked"
     assert "another `ctrscale refresh`" in blocked.summary["error"]
     assert elapsed < 60  # no waiting, no training: python start-up and the lock attempt
@@ -134,7 +130,7 @@ def _kill_9(process: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_kill_9_during_training_then_rerun_resumes(refresh, tmp_path):
-    assert refresh.run("--date", DAYS[0]).code == EXIT_PUBLISHED
+    assert refresh.run("--date", DAYS[0]).code == ExitCode.OK
     # Long enough (96 steps) to be killed mid-way, after two checkpoints.
     longer = {"train.epochs": 12, "train.checkpoint_every_steps": 10}
     run = refresh.registry / "work" / DAYS[1] / "run"
@@ -145,7 +141,7 @@ def test_kill_9_during_training_then_rerun_resumes(refresh, tmp_path):
     assert "pid" in (refresh.registry / ".lock").read_text()  # the dead run's trace
 
     rerun = refresh.run("--date", DAYS[1], **longer)
-    assert rerun.code == EXIT_PUBLISHED, rerun
+    assert rerun.code == ExitCode.OK, rerun
     assert "took over the lock left by pid" in rerun.stderr
     assert "resuming the interrupted training" in rerun.stderr
     record = json.loads((refresh.registry / "models" / DAYS[1] / "metrics.json").read_text())
@@ -157,14 +153,14 @@ def test_kill_9_during_training_then_rerun_resumes(refresh, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["publish", "rename", "latest"])
 def test_kill_9_during_publishing_then_rerun_completes(refresh, tmp_path, point):
-    assert refresh.run("--date", DAYS[0]).code == EXIT_PUBLISHED
+    assert refresh.run("--date", DAYS[0]).code == ExitCode.OK
     log = tmp_path / "killed.log"
     process = refresh.start("--date", DAYS[1], log=log, pause_before=point)
     marker = f"CTRSCALE_TEST_PAUSE_BEFORE={point}: pausing"
     _wait_for(lambda: marker in log.read_text(), process, f"the pause before {point}")
     if point == "publish":  # the paused run holds the lock: a second one must not start
         blocked = refresh.run("--date", DAYS[1])
-        assert blocked.code == EXIT_LOCKED, blocked
+        assert blocked.code == ExitCode.LOCKED, blocked
         assert f"pid {process.pid}" in blocked.summary["error"]
     _kill_9(process)
     staged = list((refresh.registry / "models").glob(".tmp-*"))
@@ -172,7 +168,7 @@ def test_kill_9_during_publishing_then_rerun_completes(refresh, tmp_path, point)
     assert (refresh.registry / "latest").read_text().strip() == DAYS[0]
 
     rerun = refresh.run("--date", DAYS[1])
-    assert rerun.code == EXIT_PUBLISHED, rerun
+    assert rerun.code == ExitCode.OK, rerun
     # Killed after the rename, the model was already complete: the rerun only finishes the
     # pointer switch; before it, the rerun resumes the finished training and publishes.
     expected = "already_published" if point == "latest" else "published"
@@ -187,7 +183,7 @@ def test_torchrun_training_with_a_window_and_next_day_holdout(refresh):
     two-day window; the gate slice is the whole next day."""
     settings = {"refresh.nproc": 2, "refresh.window_days": 2, "refresh.holdout": "next_day"}
     result = refresh.run("--from", DAYS[1], "--to", DAYS[2], **settings)
-    assert result.code == EXIT_PUBLISHED, result
+    assert result.code == ExitCode.OK, result
     assert statuses(result) == ["published", "published"]
     records = [
         json.loads((refresh.registry / "models" / d / "metrics.json").read_text()) for d in DAYS[1:]

@@ -4,7 +4,6 @@ the registry's publish/verify/recover."""
 from __future__ import annotations
 
 import json
-import os
 import re
 from datetime import date
 
@@ -12,7 +11,6 @@ import pytest
 
 from ctrscale.config import ConfigError, load_config
 from ctrscale.errors import CtrscaleError, DataError
-from ctrscale.jobs.lock import LockHeld, RegistryLock
 from ctrscale.jobs.partitions import (
     day_number,
     ensure_partition,
@@ -130,23 +128,6 @@ def test_partitions_are_verified_and_prepared_again_when_damaged(tmp_path):
     assert ensure_partition(refresh, date(2023, 12, 31), required=False) is None
     with pytest.raises(DataError, match="no raw input"):
         ensure_partition(refresh, date(2023, 12, 31), required=True)
-
-
-def test_a_held_lock_fails_fast_and_names_its_holder(tmp_path):
-    with RegistryLock(tmp_path) as held:
-        assert held.stale is None
-        with pytest.raises(LockHeld, match=f"pid {os.getpid()} on host"):
-            RegistryLock(tmp_path).__enter__()
-    assert (tmp_path / ".lock").read_text() == ""  # released cleanly: no trace left
-
-
-def test_a_stale_lock_is_taken_over(tmp_path):
-    dead = {"pid": 999_999_999, "host": "gone", "started": "2024-01-01T00:00:00+00:00"}
-    (tmp_path / ".lock").write_text(json.dumps(dead))  # a killed run's trace, no flock held
-    with RegistryLock(tmp_path) as lock:
-        assert lock.stale == dead
-        mine = json.loads((tmp_path / ".lock").read_text())
-        assert mine["pid"] == os.getpid()
 
 
 def fake_checkpoint(path, content: bytes = b"weights"):

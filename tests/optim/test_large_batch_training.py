@@ -37,7 +37,7 @@ def test_cowclip_rule_resolves_and_saves_the_papers_scaling(tiny_dataset, tmp_pa
     assert saved["embedding_l2"] == pytest.approx(4e-5)  # × s
     assert saved["dense_lr"] == pytest.approx(0.003 * math.sqrt(4))  # × √s
     assert saved["dense_warmup_steps"] == 10  # one epoch: 21,600 train rows / 2,048
-    assert saved["cowclip"] is True
+    assert saved["embedding"]["cowclip"]["mode"] == "paper"  # the clip's own switch, default on
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
     # Warm-up: the 2nd step (index 1) runs at 2/10 of the scaled dense LR.

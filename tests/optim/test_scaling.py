@@ -18,36 +18,34 @@ def resolved(rule: str, batch_size: int, **overrides) -> ResolvedHyperparameters
     return resolve(rule, batch_size=batch_size, **arguments)
 
 
-# (rule, batch_size, embedding_lr, embedding_l2, dense_lr, dense_warmup_steps, cowclip)
+# (rule, batch_size, embedding_lr, embedding_l2, dense_lr, dense_warmup_steps)
 EXPECTED = [
-    ("none", 1024, 1e-4, 1e-5, 8e-4, 0, False),
-    ("none", 8192, 1e-4, 1e-5, 8e-4, 0, False),
-    ("none", 131072, 1e-4, 1e-5, 8e-4, 0, False),
-    ("linear", 1024, 1e-4, 1e-5, 8e-4, 0, False),
-    ("linear", 8192, 8e-4, 1e-5, 6.4e-3, 0, False),
-    ("linear", 131072, 1.28e-2, 1e-5, 1.024e-1, 0, False),
-    ("sqrt", 1024, 1e-4, 1e-5, 8e-4, 0, False),
-    ("sqrt", 8192, 1e-4 * math.sqrt(8), 1e-5, 8e-4 * math.sqrt(8), 0, False),
-    ("sqrt", 131072, 1e-4 * math.sqrt(128), 1e-5, 8e-4 * math.sqrt(128), 0, False),
-    ("cowclip", 1024, 1e-4, 1e-5, 8e-4, STEPS_PER_EPOCH, True),
-    ("cowclip", 8192, 1e-4, 8e-5, 8e-4 * math.sqrt(8), STEPS_PER_EPOCH, True),
-    ("cowclip", 131072, 1e-4, 1.28e-3, 8e-4 * math.sqrt(128), STEPS_PER_EPOCH, True),
+    ("none", 1024, 1e-4, 1e-5, 8e-4, 0),
+    ("none", 8192, 1e-4, 1e-5, 8e-4, 0),
+    ("none", 131072, 1e-4, 1e-5, 8e-4, 0),
+    ("linear", 1024, 1e-4, 1e-5, 8e-4, 0),
+    ("linear", 8192, 8e-4, 1e-5, 6.4e-3, 0),
+    ("linear", 131072, 1.28e-2, 1e-5, 1.024e-1, 0),
+    ("sqrt", 1024, 1e-4, 1e-5, 8e-4, 0),
+    ("sqrt", 8192, 1e-4 * math.sqrt(8), 1e-5, 8e-4 * math.sqrt(8), 0),
+    ("sqrt", 131072, 1e-4 * math.sqrt(128), 1e-5, 8e-4 * math.sqrt(128), 0),
+    ("cowclip", 1024, 1e-4, 1e-5, 8e-4, STEPS_PER_EPOCH),
+    ("cowclip", 8192, 1e-4, 8e-5, 8e-4 * math.sqrt(8), STEPS_PER_EPOCH),
+    ("cowclip", 131072, 1e-4, 1.28e-3, 8e-4 * math.sqrt(128), STEPS_PER_EPOCH),
 ]
 
 
 @pytest.mark.parametrize(
-    ("rule", "batch_size", "embedding_lr", "embedding_l2", "dense_lr", "warmup", "cowclip"),
-    EXPECTED,
+    ("rule", "batch_size", "embedding_lr", "embedding_l2", "dense_lr", "warmup"), EXPECTED
 )
 def test_rules_give_the_documented_numbers(
-    rule, batch_size, embedding_lr, embedding_l2, dense_lr, warmup, cowclip
+    rule, batch_size, embedding_lr, embedding_l2, dense_lr, warmup
 ):
     result = resolved(rule, batch_size)
     assert result.embedding_lr == pytest.approx(embedding_lr, rel=1e-12)
     assert result.embedding_l2 == pytest.approx(embedding_l2, rel=1e-12)
     assert result.dense_lr == pytest.approx(dense_lr, rel=1e-12)
     assert result.dense_warmup_steps == warmup
-    assert result.cowclip is cowclip
     assert result.scale == batch_size / 1024
     assert result.rule == rule
 
@@ -80,7 +78,6 @@ def test_as_dict_holds_every_field_for_saving_with_a_run():
         "embedding_l2": pytest.approx(8e-5),
         "dense_lr": pytest.approx(8e-4 * math.sqrt(8)),
         "dense_warmup_steps": STEPS_PER_EPOCH,
-        "cowclip": True,
         "scale": 8.0,
         "rule": "cowclip",
     }
