@@ -26,6 +26,7 @@ class EmbeddingOptimizerName(StrEnum):
     ADAGRAD = "adagrad"
     ROWWISE_ADAGRAD = "rowwise_adagrad"
     ADAM = "adam"
+    ROWWISE_NOVOGRAD = "rowwise_novograd"
 
 
 class UpdateSemantics(StrEnum):
@@ -41,13 +42,25 @@ class UpdateSemantics(StrEnum):
 
 
 class DenseOptimizerName(StrEnum):
-    """Optimizers of the non-embedding parameters (`ctrscale/optim/dense.py`)."""
+    """Optimizers of the non-embedding parameters (`ctrscale/optim/dense/`)."""
 
     ADAM = "adam"
     ADAMW = "adamw"
     SGD = "sgd"
     LAMB = "lamb"
     LARS = "lars"
+    LAMBC = "lambc"
+    NOVOGRAD = "novograd"
+    SNGM = "sngm"
+    CBLR = "cblr"
+    MCLR = "mclr"
+
+
+class CurvatureEstimate(StrEnum):
+    """Per-layer curvature κ of CBLR/MCLR: the secant ‖Δg‖/‖Δw‖, or ‖g‖/‖w‖ (LARS's)."""
+
+    SECANT = "secant"
+    NORM_RATIO = "norm_ratio"
 
 
 class ClipMode(StrEnum):

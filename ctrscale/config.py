@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ctrscale.choices import (
     BackendChoice,
     ClipMode,
+    CurvatureEstimate,
     Decay,
     DenseOptimizerName,
     DenseTransform,
@@ -104,6 +105,7 @@ class EmbeddingOptimConfig(Section):
     lr: Annotated[float, Field(gt=0.0)] = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)  # Adam paper defaults
     eps: Annotated[float, Field(gt=0.0)] = 1e-8  # Adam paper default
+    novograd_betas: tuple[float, float] = (0.95, 0.98)  # NovoGrad paper (Ginsburg et al. 2019)
     # λ of the L2 penalty λ‖w‖² (Keras' l2(λ): gradient 2λw), added once per step to each row
     # the step updates (see `semantics`), before CowClip (as in the official code, where it is
     # part of the clipped gradient). LargeBatchCTR: 1e-5 at batch 1024; the cowclip rule
@@ -126,8 +128,13 @@ class DenseOptimConfig(Section):
     weight_decay: NonNegativeFloat = 0.0
     # LARS trust coefficient η (You, Gitman & Ginsburg 2017 use 0.001).
     trust_coefficient: Annotated[float, Field(gt=0.0)] = 1e-3
-    # Upper bound on the LAMB/LARS trust ratio (LAMBC); unset = unclipped, as in the papers.
+    # Upper bound on the LAMB/LARS trust ratio; unset = unclipped, as in the papers (lambc:
+    # 1.0, its README's best).
     trust_clip: Annotated[float, Field(gt=0.0)] | None = None
+    novograd_betas: tuple[float, float] = (0.95, 0.98)  # NovoGrad paper (Ginsburg et al. 2019)
+    # CBLR/MCLR's per-layer curvature: the secant ‖Δg‖/‖Δw‖ (our reading of Gao & Zhong 2020)
+    # or ‖g‖/‖w‖, with which CBLR is LARS.
+    curvature: CurvatureEstimate = CurvatureEstimate.SECANT
 
 
 class CowClipConfig(Section):

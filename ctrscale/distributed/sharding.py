@@ -93,6 +93,7 @@ def shard_model(
     """Plan and shard `model`'s embedding tables; dense layers become data-parallel (DDP).
 
     `fused_params`: the FBGEMM arguments of fused tables (`EmbeddingUpdate.fused_params`)."""
+    sharding_type = ShardingChoice(sharding_type)
     check_sharding_type(sharding_type, ctx.device)
     if sharding_type == ShardingChoice.DATA_PARALLEL:
         fused_params = None  # no fused table

@@ -21,7 +21,7 @@ from ctrscale.config import Config
 from ctrscale.distributed.context import DistContext
 from ctrscale.distributed.sharding import initialize_tables, shard_model
 from ctrscale.models import build_model
-from ctrscale.optim.dense_update import DenseUpdate
+from ctrscale.optim.dense.update import DenseUpdate
 from ctrscale.optim.embedding.update import EmbeddingUpdate
 from ctrscale.optim.scaling import ResolvedHyperparameters, resolve_hyperparameters, scaled
 

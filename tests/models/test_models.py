@@ -7,12 +7,13 @@ import itertools
 
 import pytest
 import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec import KeyedJaggedTensor
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.model_parallel import get_unwrapped_module
 
-from ctrscale.config import DistributedConfig, EmbeddingOptimConfig, ModelConfig, OptimConfig
+from ctrscale.config import DistributedConfig, ModelConfig
 from ctrscale.data.schema import DENSE_FEATURES, SPARSE_FEATURES
 from ctrscale.distributed.context import init_distributed
 from ctrscale.distributed.sharding import shard_model
@@ -212,7 +213,7 @@ def test_embedding_bag_collection_shards_with_fused_optimizer(name, single_proce
         model.embedding_bag_collection,
         init_distributed(DistributedConfig(device="cpu")),
         sharding_type="table_wise",
-        optim=OptimConfig(embedding=EmbeddingOptimConfig(name="sgd", lr=0.1)),
+        fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1},
         local_batch_size=8,
     )
     # The trainer finds the sharded EBC through the same property.

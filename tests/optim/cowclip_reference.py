@@ -4,13 +4,14 @@ Run in-process (world size 1) by tests/optim/test_cowclip_sharded.py, or as a sc
 torchrun for several processes:
 
     python -m torch.distributed.run --nproc_per_node 2 tests/optim/cowclip_reference.py \
-        SHARDING EMBEDDING_OPTIMIZER OUT.json
+        SHARDING EMBEDDING_OPTIMIZER SEMANTICS OUT.json
 
 Both sides start from the same weights and see the same global batches. The sharded side is
-ctrscale's trainer (fused FBGEMM SGD or ctrscale's RowAdam, gradients rewritten by
-embedding_grad.py). The reference
-is an unsharded copy whose table gradients come from autograd as dense tensors, and whose
-L2 and clipping are written out literally, one id at a time, from Algorithm 1.
+ctrscale's trainer (its embedding update: fused FBGEMM SGD, or Adam's row form, gradients
+rewritten per id). The reference is an unsharded copy whose table gradients come from
+autograd as dense tensors, and whose L2, clipping and optimizer are written out literally, one
+row at a time, from Algorithm 1 — for lazy semantics on the rows the batch looks up, for
+dense semantics (the official code's Keras optimizer) on every row of every table.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from ctrscale.train.step import build_trainer
 GLOBAL_BATCH = 256
 STEPS = 3
 TABLE_ROWS = 24  # 256 samples over 24 ids: every id repeats, some dozens of times
+# Dense semantics: tables of 40 rows of which ids 24..39 are never looked up, so that the
+# update of absent rows (L2 pull, Adam's moments) is part of the comparison.
+DENSE_TABLE_ROWS = 40
 MISSING = -1  # a sample without a value for a feature: an empty bag, no lookup
 EMBEDDING_LR, DENSE_LR, L2, R = 0.5, 0.1, 0.05, 0.005
 # ε above Adam's 1e-8 so that float32 summation-order noise in a near-zero gradient is not
@@ -41,7 +45,7 @@ EMBEDDING_LR, DENSE_LR, L2, R = 0.5, 0.1, 0.05, 0.005
 ADAM_LR, BETA1, BETA2, EPS = 0.01, 0.9, 0.999, 1e-6
 
 
-def config_for(sharding: str, embedding_optimizer: str):
+def config_for(sharding: str, embedding_optimizer: str, semantics: str = "lazy"):
     lr = EMBEDDING_LR if embedding_optimizer == "sgd" else ADAM_LR
     return load_config(
         None,
@@ -56,6 +60,7 @@ def config_for(sharding: str, embedding_optimizer: str):
             f"optim.embedding.lr={lr}",
             f"optim.embedding.eps={EPS}",
             f"optim.embedding.l2={L2}",
+            f'optim.embedding.semantics="{semantics}"',
             'optim.dense.name="sgd"',
             "optim.dense.momentum=0.0",
             f"optim.dense.lr={DENSE_LR}",
@@ -119,8 +124,8 @@ def full_state(dmp) -> dict[str, torch.Tensor]:
     return state
 
 
-class LiteralLazyAdam:
-    """Adam on the rows a batch looks up, one row at a time (Kingma & Ba, Algorithm 1)."""
+class LiteralAdam:
+    """Adam one row at a time (Kingma & Ba, Algorithm 1), with the run's step count."""
 
     def __init__(self) -> None:
         self.moments: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -135,10 +140,11 @@ class LiteralLazyAdam:
 
 
 def reference_step(
-    model, batch: Batch, first_order: frozenset[str], adam: LiteralLazyAdam | None
+    model, batch: Batch, first_order: frozenset[str], adam: LiteralAdam | None, dense: bool
 ) -> tuple[int, int]:
-    """One step with L2 and CowClip computed literally from Algorithm 1, then SGD or lazy
-    Adam on the embedding rows and SGD on the dense layers."""
+    """One step with L2 and CowClip computed literally from Algorithm 1, then SGD or Adam on
+    the embedding rows — the looked-up ones (lazy) or all (dense: absent rows get 2λw,
+    never clipped) — and SGD on the dense layers."""
     model.zero_grad()
     logits = model(batch.dense_features, batch.sparse_features)
     F.binary_cross_entropy_with_logits(logits, batch.labels).backward()
@@ -152,10 +158,11 @@ def reference_step(
             feature = name.removesuffix("_wide")
             weight, grad = bag.weight, bag.weight.grad.clone()
             feature_ids = [i for i in ids[SPARSE_FEATURES.index(feature)].tolist() if i != MISSING]
-            for row in sorted(set(feature_ids)):
+            updated = range(weight.shape[0]) if dense else sorted(set(feature_ids))
+            for row in updated:
                 count = feature_ids.count(row)
                 g = grad[row] + 2 * L2 * weight[row]
-                if name not in first_order:
+                if name not in first_order and count > 0:
                     threshold = count * max(R * weight[row].norm().item(), 0.0)
                     norm = g.norm().item()
                     if norm > threshold:
@@ -165,9 +172,10 @@ def reference_step(
                         unclipped += 1
                 grad[row] = g
             if adam is None:
-                weight -= EMBEDDING_LR * grad
+                for row in updated:
+                    weight[row] -= EMBEDDING_LR * grad[row]
             else:
-                for row in sorted(set(feature_ids)):
+                for row in updated:
                     adam.row_step(name, row, weight, grad[row])
         embedding_params = {id(b.weight) for b in tables.values()}
         for param in model.parameters():
@@ -176,21 +184,23 @@ def reference_step(
     return clipped, unclipped
 
 
-def run(sharding: str, embedding_optimizer: str = "sgd") -> dict[str, float]:
-    config = config_for(sharding, embedding_optimizer)
+def run(sharding: str, embedding_optimizer: str = "sgd", semantics: str = "lazy") -> dict:
+    config = config_for(sharding, embedding_optimizer, semantics)
     ctx = init_distributed(config.distributed)
     torch.manual_seed(0)
-    sizes = dict.fromkeys(SPARSE_FEATURES, TABLE_ROWS)
+    sizes = dict.fromkeys(SPARSE_FEATURES, DENSE_TABLE_ROWS if semantics == "dense" else TABLE_ROWS)
     trainer = build_trainer(config, ctx, sizes, steps_per_epoch=STEPS, total_steps=STEPS)
     reference = build_model(config.model, sizes, embedding_device=torch.device("cpu"))
     reference.load_state_dict(full_state(trainer.dmp))
     first_order = reference.first_order_tables
 
-    adam = LiteralLazyAdam() if embedding_optimizer == "adam" else None
+    adam = LiteralAdam() if embedding_optimizer == "adam" else None
     clipped = unclipped = 0
     for step, batch in enumerate(global_batches()):
         trainer.step(rank_slice(batch, ctx.rank, ctx.world_size), GLOBAL_BATCH, step)
-        more_clipped, more_unclipped = reference_step(reference, batch, first_order, adam)
+        more_clipped, more_unclipped = reference_step(
+            reference, batch, first_order, adam, dense=semantics == "dense"
+        )
         clipped, unclipped = clipped + more_clipped, unclipped + more_unclipped
 
     sharded, expected = full_state(trainer.dmp), reference.state_dict()
@@ -202,8 +212,8 @@ def run(sharding: str, embedding_optimizer: str = "sgd") -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    sharding, embedding_optimizer, out = sys.argv[1:4]
-    result = run(sharding, embedding_optimizer)
+    sharding, embedding_optimizer, semantics, out = sys.argv[1:5]
+    result = run(sharding, embedding_optimizer, semantics)
     if dist.get_rank() == 0:
         with open(out, "w") as handle:
             json.dump(result, handle)

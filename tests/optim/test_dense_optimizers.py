@@ -1,5 +1,5 @@
-"""LAMB and LARS against references written from the papers' formulas (float64), and the
-optimizer factory's param-group rule."""
+"""LAMB, LAMBC and LARS against references written from the papers' formulas (float64) and the
+notes' hand-computed oracle, and the optimizer factory's names and param-group rule."""
 
 from __future__ import annotations
 
@@ -11,13 +11,17 @@ import pytorch_optimizer
 import torch
 from torch import nn
 
-from ctrscale.optim.dense import (
+from ctrscale.choices import DenseOptimizerName
+from ctrscale.optim.dense.curvature import Cblr, Mclr
+from ctrscale.optim.dense.novograd import NovoGrad
+from ctrscale.optim.dense.optimizers import (
     Lamb,
     Lars,
     build_dense_optimizer,
     lamb_lars_param_groups,
     weight_decay_param_groups,
 )
+from ctrscale.optim.dense.sngm import Sngm
 from ctrscale.optim.scaling import HyperparameterError
 
 LRS = [1e-2, 2e-2, 5e-3, 1e-2, 3e-2]  # changes every step: the LR must enter where the paper says
@@ -52,8 +56,10 @@ def excluded(name: str, p: torch.Tensor) -> bool:
     return p.ndim <= 1 or name.endswith("bias")
 
 
-def reference_lamb(weight_decay: float, trust_clip: float | None) -> dict[str, torch.Tensor]:
-    """You et al. 2020, Algorithm 2, one tensor at a time."""
+def reference_lamb(
+    weight_decay: float, trust_clip: float | None, bias_correction: bool = True
+) -> dict[str, torch.Tensor]:
+    """You et al. 2020, Algorithm 2, one tensor at a time; without bias correction: LAMBC."""
     beta1, beta2 = BETAS
     x = {name: p.clone() for name, p in initial_params().items()}
     m = {name: torch.zeros_like(p) for name, p in x.items()}
@@ -64,8 +70,9 @@ def reference_lamb(weight_decay: float, trust_clip: float | None) -> dict[str, t
             g, lam = grads[name], 0.0 if excluded(name, x[name]) else weight_decay
             m[name] = beta1 * m[name] + (1 - beta1) * g
             v[name] = beta2 * v[name] + (1 - beta2) * g * g
-            m_hat = m[name] / (1 - beta1**t)
-            v_hat = v[name] / (1 - beta2**t)
+            m_hat, v_hat = m[name], v[name]
+            if bias_correction:
+                m_hat, v_hat = m_hat / (1 - beta1**t), v_hat / (1 - beta2**t)
             update = m_hat / (v_hat.sqrt() + EPS) + lam * x[name]
             ratio = 1.0
             if not excluded(name, x[name]):
@@ -136,6 +143,47 @@ def test_lamb_follows_algorithm_2(weight_decay, trust_clip):
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+@pytest.mark.parametrize("trust_clip", [None, 1.0])
+def test_lambc_is_lamb_without_bias_correction_and_with_a_clipped_ratio(weight_decay, trust_clip):
+    actual = run(
+        lambda named: Lamb(
+            lamb_lars_param_groups(named, weight_decay),
+            lr=LRS[0],
+            betas=BETAS,
+            eps=EPS,
+            trust_clip=trust_clip,
+            bias_correction=False,
+        )
+    )
+    assert_relative_error_at_most(
+        actual, reference_lamb(weight_decay, trust_clip, bias_correction=False)
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("lamb", [2.964645, 4.035355]), ("lambc", [2.968379, 4.031622])],
+)
+def test_lamb_and_lambc_first_step_match_the_oracle(name, expected):
+    """w = [3, 4], g = [0.6, −0.8], lr 0.01, ε = 1e-6: LAMB's ratio 5/√2 is applied; LAMBC's
+    u = m/(√v+ε) has ‖u‖ ≈ √20, ratio 1.118086, clipped to c = 1."""
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]], dtype=torch.float64))  # a matrix: layer-wise
+    optimizer = build_dense_optimizer([("w", w)], name, 0.01, BETAS, 1e-6, MOMENTUM, 0.0)
+    w.grad = torch.tensor([[0.6, -0.8]], dtype=torch.float64)
+    optimizer.step()
+    assert w.detach()[0].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_lamb_checkpoints_from_before_the_bias_correction_switch_load_as_bias_corrected():
+    w = nn.Parameter(torch.ones(2, 2))
+    state = Lamb([w], lr=0.1).state_dict()
+    del state["param_groups"][0]["bias_correction"]
+    restored = Lamb([w], lr=0.1, bias_correction=False)
+    restored.load_state_dict(state)
+    assert restored.param_groups[0]["bias_correction"] is True
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 @pytest.mark.parametrize("trust_clip", [None, 5e-4])
 def test_lars_follows_algorithm_1(weight_decay, trust_clip):
     actual = run(
@@ -188,7 +236,7 @@ def test_lars_equals_pytorch_optimizer_lars_at_a_constant_lr():
     assert_relative_error_at_most(ours, theirs, 1e-12)
 
 
-@pytest.mark.parametrize("name", ["lamb", "lars"])
+@pytest.mark.parametrize("name", ["lamb", "lars", "lambc"])
 def test_state_dict_round_trip_continues_identically(name):
     def make(named):
         return build_dense_optimizer(named, name, LRS[0], BETAS, EPS, MOMENTUM, 0.01)
@@ -220,7 +268,7 @@ def small_model() -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "lamb", "lars"])
+@pytest.mark.parametrize("name", list(DenseOptimizerName))
 def test_factory_keeps_weight_decay_off_biases_and_1d_parameters(name):
     model = small_model()
     optimizer = build_dense_optimizer(
@@ -236,7 +284,7 @@ def test_factory_keeps_weight_decay_off_biases_and_1d_parameters(name):
         "2.bias",
     ]
     assert decayed["weight_decay"] == 0.05 and excluded_group["weight_decay"] == 0.0
-    if name in ("lamb", "lars"):
+    if name in ("lamb", "lars", "lambc", "cblr", "mclr"):
         assert decayed["trust_ratio"] and not excluded_group["trust_ratio"]
 
 
@@ -246,14 +294,37 @@ def test_factory_keeps_weight_decay_off_biases_and_1d_parameters(name):
         ("adam", torch.optim.Adam, {"betas": (0.8, 0.99), "eps": 1e-7}),
         ("adamw", torch.optim.AdamW, {"betas": (0.8, 0.99), "eps": 1e-7}),
         ("sgd", torch.optim.SGD, {"momentum": 0.5}),
-        ("lamb", Lamb, {"betas": (0.8, 0.99), "eps": 1e-7, "trust_clip": 2.0}),
-        ("lars", Lars, {"momentum": 0.5, "trust_clip": 2.0, "trust_coefficient": 1e-3}),
+        (
+            "lamb",
+            Lamb,
+            {"betas": (0.8, 0.99), "eps": 1e-7, "trust_clip": 2.0, "bias_correction": True},
+        ),
+        ("lars", Lars, {"momentum": 0.5, "trust_clip": 2.0, "trust_coefficient": 2e-3}),
+        (
+            "lambc",
+            Lamb,
+            {"betas": (0.8, 0.99), "eps": 1e-7, "trust_clip": 2.0, "bias_correction": False},
+        ),
+        ("novograd", NovoGrad, {"betas": (0.9, 0.95), "eps": 1e-7}),
+        ("sngm", Sngm, {"momentum": 0.5}),
+        ("cblr", Cblr, {"momentum": 0.5, "trust_coefficient": 2e-3, "curvature": "norm_ratio"}),
+        ("mclr", Mclr, {"momentum": 0.5, "curvature": "norm_ratio"}),
     ],
 )
 def test_factory_passes_the_hyperparameters_through(name, cls, settings):
-    trust_clip = 2.0 if name in ("lamb", "lars") else None
+    trust_clip = 2.0 if name in ("lamb", "lars", "lambc") else None
     optimizer = build_dense_optimizer(
-        small_model().named_parameters(), name, 1e-3, (0.8, 0.99), 1e-7, 0.5, 0.0, trust_clip
+        small_model().named_parameters(),
+        name,
+        1e-3,
+        (0.8, 0.99),
+        1e-7,
+        0.5,
+        0.0,
+        trust_clip,
+        trust_coefficient=2e-3,
+        novograd_betas=(0.9, 0.95),
+        curvature="norm_ratio",
     )
     assert type(optimizer) is cls
     for group in optimizer.param_groups:
@@ -261,8 +332,21 @@ def test_factory_passes_the_hyperparameters_through(name, cls, settings):
         assert {key: group[key] for key in settings} == settings
 
 
+def test_factory_defaults_lambc_to_the_readme_clip_and_new_methods_to_their_papers():
+    def build(name):
+        return build_dense_optimizer(
+            small_model().named_parameters(), name, 1e-3, BETAS, EPS, 0.9, 0
+        )
+
+    assert build("lambc").param_groups[0]["trust_clip"] == 1.0
+    assert build("novograd").param_groups[0]["betas"] == (0.95, 0.98)
+    assert build("cblr").param_groups[0]["curvature"] == "secant"
+    assert build("mclr").param_groups[0]["curvature"] == "secant"
+
+
 def test_factory_errors_name_the_problem():
-    with pytest.raises(HyperparameterError, match="adam, adamw, sgd, lamb, lars"):
+    valid = "adam, adamw, sgd, lamb, lars, lambc, novograd, sngm, cblr, mclr"
+    with pytest.raises(HyperparameterError, match=valid):
         build_dense_optimizer(small_model().named_parameters(), "adagrad", 1e-3, BETAS, EPS, 0, 0)
     with pytest.raises(HyperparameterError, match="trust_clip"):
         build_dense_optimizer(

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ctrscale.choices import EmbeddingOptimizerName
 from ctrscale.config import EmbeddingOptimConfig
+from ctrscale.optim.dense.novograd import second_moments
 
 State = dict[str, Tensor]
 
@@ -60,9 +61,10 @@ class EmbeddingOptimizer(ABC):
         return {"learning_rate": self.lr}
 
     def new_state(self, weight: Tensor) -> State:
-        # Moments in float32 whatever the weights' dtype: bf16/fp16 moments lose the update.
+        # At least float32 whatever the weights' dtype: bf16/fp16 moments lose the update.
+        dtype = torch.promote_types(weight.dtype, torch.float32)
         return {
-            name: torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            name: torch.zeros(weight.shape, dtype=dtype, device=weight.device)
             for name in self.state_names
         }
 
@@ -178,8 +180,34 @@ class Adam(EmbeddingOptimizer):
         _scatter(weight, rows, _gather(weight, rows).sub_(step, alpha=self.lr / (1.0 - beta1**t)))
 
 
+class RowwiseNovoGrad(EmbeddingOptimizer):
+    """NovoGrad (Ginsburg et al. 2019) with one second moment per row instead of per tensor —
+    the project's reading for tables, as row-wise Adagrad is Adagrad's. Per row, with its
+    gradient row g:
+
+        v ← ‖g‖² at the row's first update (v = 0), else β2·v + (1−β2)·‖g‖²
+        m ← β1·m + g / √(v + ε);   w ← w − lr·m
+
+    No bias correction and no weight decay (L2 comes from `optim.embedding.l2`). On a
+    column-wise shard ‖g‖ is over the shard's columns, as FBGEMM's row-wise Adagrad does."""
+
+    name = EmbeddingOptimizerName.ROWWISE_NOVOGRAD
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    @torch.no_grad()
+    def apply(self, weight: Tensor, state: State, rows: Tensor | None, grad: Tensor) -> None:
+        beta1, beta2 = self.config.novograd_betas
+        sq_norms = grad.square().sum(dim=-1, keepdim=True)
+        previous = _gather(state["exp_avg_sq"], rows)
+        v = second_moments(previous, sq_norms.expand_as(previous), previous == 0, beta2)
+        _scatter(state["exp_avg_sq"], rows, v)
+        m = _gather(state["exp_avg"], rows).mul_(beta1).add_(grad / (v + self.config.eps).sqrt())
+        _scatter(state["exp_avg"], rows, m)
+        _scatter(weight, rows, _gather(weight, rows).sub_(m, alpha=self.lr))
+
+
 OPTIMIZERS: dict[EmbeddingOptimizerName, type[EmbeddingOptimizer]] = {
-    cls.name: cls for cls in (Sgd, Adagrad, RowwiseAdagrad, Adam)
+    cls.name: cls for cls in (Sgd, Adagrad, RowwiseAdagrad, Adam, RowwiseNovoGrad)
 }
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from ctrscale.config import DenseOptimConfig, ScheduleConfig
-from ctrscale.optim.dense import build_dense_optimizer
+from ctrscale.optim.dense.optimizers import build_dense_optimizer
 from ctrscale.optim.schedule import lr_multiplier
 
 
@@ -43,6 +43,8 @@ class DenseUpdate:
                 weight_decay=config.weight_decay,
                 trust_clip=config.trust_clip,
                 trust_coefficient=config.trust_coefficient,
+                novograd_betas=config.novograd_betas,
+                curvature=config.curvature,
             ),
         )
         self.config = config

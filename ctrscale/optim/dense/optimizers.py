@@ -1,27 +1,49 @@
-"""Optimizers of the dense (non-embedding) parameters: Adam, AdamW, SGD, LAMB, LARS.
+"""Optimizers of the dense (non-embedding) parameters, and `build_dense_optimizer`, the one
+factory the config names: adam, adamw, sgd (torch), lamb, lars, lambc (here), novograd
+(novograd.py), sngm (sngm.py), cblr and mclr (curvature.py).
 
 Adam, AdamW and SGD are `torch.optim`'s. LAMB and LARS are written here with `torch._foreach`
 ops because `pytorch_optimizer`'s (4.1) differ from the papers: its `Lamb` has no bias correction
 (Algorithm 2 has it), clamps ‖w‖ to at most 10 and adds ε to ‖update‖ in the trust ratio; its
 `LARS` applies the global LR outside the momentum buffer (the paper inside, which differs as soon
-as the LR changes, e.g. during warm-up) and neither offers trust-ratio clipping.
+as the LR changes, e.g. during warm-up) and neither offers trust-ratio clipping. LAMBC is `Lamb`
+without bias correction and with the trust ratio clipped (`bias_correction=False, trust_clip=c`).
 
 Every optimizer gets two param groups (`weight_decay_param_groups`): weight matrices with the
-weight decay, and biases / 1-D parameters (norm scales) without it; LAMB and LARS also leave the
-latter out of trust-ratio adaptation. No optimizer here clips the global gradient norm.
+weight decay, and biases / 1-D parameters (norm scales) without it; the layer-wise optimizers
+(LAMB, LARS, LAMBC, CBLR, MCLR) also leave the latter out of layer-wise adaptation. No optimizer
+here clips the global gradient norm.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ctrscale.choices import DenseOptimizerName, names
+from ctrscale.optim.dense.base import (
+    GroupwiseOptimizer,
+    check_betas,
+    check_common,
+    check_fraction,
+    check_positive,
+    trust_ratios,
+)
+from ctrscale.optim.dense.curvature import Cblr, Mclr
+from ctrscale.optim.dense.novograd import NOVOGRAD_BETAS, NovoGrad
+from ctrscale.optim.dense.sngm import Sngm
 from ctrscale.optim.scaling import HyperparameterError
 
-DENSE_OPTIMIZERS = ("adam", "adamw", "sgd", "lamb", "lars")
+Name = DenseOptimizerName
+# Layer-wise adaptation (trust ratio or per-layer LR) on matrices, not on biases/1-D.
+LAYERWISE = (Name.LAMB, Name.LARS, Name.LAMBC, Name.CBLR, Name.MCLR)
+# The optimizers with a trust ratio that `trust_clip` caps.
+TRUST_CLIPPED = (Name.LAMB, Name.LARS, Name.LAMBC)
+# jeffrey-fong/LAMBC README: the clip bound c = 1 performed best in its experiments.
+LAMBC_TRUST_CLIP = 1.0
 
 
 def excluded_from_decay(name: str, param: Tensor) -> bool:
@@ -69,45 +91,7 @@ def lamb_lars_param_groups(
     return [group for group in groups if group["params"]]
 
 
-def trust_ratios(
-    numerators: Sequence[Tensor], denominators: Sequence[Tensor], trust_clip: float | None
-) -> list[Tensor]:
-    """`numerator/denominator` per tensor, 1 where either is 0, then at most `trust_clip`.
-
-    Clipping the ratio from above is LAMBC (Fong et al., 2020, "Improving Layer-wise Adaptive
-    Rate Methods using Trust Ratio Clipping").
-    """
-    num = torch.stack(list(numerators))
-    den = torch.stack(list(denominators))
-    both_positive = (num > 0) & (den > 0)
-    ratio = torch.where(both_positive, num / torch.where(both_positive, den, 1.0), 1.0)
-    if trust_clip is not None:
-        ratio = ratio.clamp(max=trust_clip)
-    return list(ratio.unbind())
-
-
-class _LayerwiseOptimizer(torch.optim.Optimizer):
-    """Shared `step` plumbing: gather the params with gradients of each group, then update."""
-
-    def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if any(p.grad.is_sparse for p in params):
-                raise HyperparameterError(f"{type(self).__name__} does not take sparse gradients")
-            if params:
-                self._update_group(group, params)
-        return loss
-
-
-class Lamb(_LayerwiseOptimizer):
+class Lamb(GroupwiseOptimizer):
     """LAMB (You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76
     minutes", ICLR 2020, Algorithm 2), per parameter tensor x with gradient g at step t ≥ 1:
 
@@ -119,6 +103,10 @@ class Lamb(_LayerwiseOptimizer):
 
     φ of the paper is the identity. Groups with `trust_ratio=False` use ρ = 1 (plain Adam with
     L2-in-update λ, which `lamb_lars_param_groups` sets to 0 for them).
+
+    LAMBC (Fong, Chen & Chen 2020, arXiv 2011.13584; code jeffrey-fong/LAMBC) is
+    `bias_correction=False` (m̂ = m, v̂ = v, as that code and LAMB's arXiv v3) with
+    `trust_clip=c` (c = 1 in its README).
     """
 
     def __init__(
@@ -130,10 +118,10 @@ class Lamb(_LayerwiseOptimizer):
         weight_decay: float = 0.0,
         trust_clip: float | None = None,
         trust_ratio: bool = True,
+        bias_correction: bool = True,
     ) -> None:
-        _check_common(lr, weight_decay, trust_clip)
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise HyperparameterError(f"LAMB betas must be in [0, 1) (got {betas})")
+        check_common(lr, weight_decay, trust_clip)
+        check_betas("LAMB", betas)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -141,8 +129,15 @@ class Lamb(_LayerwiseOptimizer):
             "weight_decay": weight_decay,
             "trust_clip": trust_clip,
             "trust_ratio": trust_ratio,
+            "bias_correction": bias_correction,
         }
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            # Checkpoints from before the switch existed were all bias-corrected.
+            group.setdefault("bias_correction", True)
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         beta1, beta2 = group["betas"]
@@ -163,10 +158,10 @@ class Lamb(_LayerwiseOptimizer):
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
 
-        m_hat = torch._foreach_div(exp_avgs, [1.0 - beta1 ** s["step"] for s in states])
-        denominators = torch._foreach_div(
-            torch._foreach_sqrt(exp_avg_sqs), [(1.0 - beta2 ** s["step"]) ** 0.5 for s in states]
-        )
+        m_hat, denominators = exp_avgs, torch._foreach_sqrt(exp_avg_sqs)
+        if group["bias_correction"]:
+            m_hat = torch._foreach_div(m_hat, [1.0 - beta1 ** s["step"] for s in states])
+            torch._foreach_div_(denominators, [(1.0 - beta2 ** s["step"]) ** 0.5 for s in states])
         torch._foreach_add_(denominators, group["eps"])
         updates = torch._foreach_div(m_hat, denominators)
         if group["weight_decay"]:
@@ -179,7 +174,7 @@ class Lamb(_LayerwiseOptimizer):
         torch._foreach_add_(params, updates, alpha=-group["lr"])
 
 
-class Lars(_LayerwiseOptimizer):
+class Lars(GroupwiseOptimizer):
     """LARS (You, Gitman & Ginsburg, "Large Batch Training of Convolutional Networks", 2017,
     Algorithm 1), per parameter tensor w with gradient g, global LR γ (the group's `lr` at this
     step), trust coefficient η, weight decay β and momentum μ:
@@ -202,13 +197,9 @@ class Lars(_LayerwiseOptimizer):
         trust_clip: float | None = None,
         trust_ratio: bool = True,
     ) -> None:
-        _check_common(lr, weight_decay, trust_clip)
-        if not 0.0 <= momentum < 1.0:
-            raise HyperparameterError(f"LARS momentum must be in [0, 1) (got {momentum})")
-        if trust_coefficient <= 0:
-            raise HyperparameterError(
-                f"LARS trust_coefficient must be positive (got {trust_coefficient})"
-            )
+        check_common(lr, weight_decay, trust_clip)
+        check_fraction("LARS", "momentum", momentum)
+        check_positive("LARS", "trust_coefficient", trust_coefficient)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -242,15 +233,6 @@ class Lars(_LayerwiseOptimizer):
         torch._foreach_sub_(params, buffers)
 
 
-def _check_common(lr: float, weight_decay: float, trust_clip: float | None) -> None:
-    if lr < 0:
-        raise HyperparameterError(f"learning rate must be non-negative (got {lr})")
-    if weight_decay < 0:
-        raise HyperparameterError(f"weight_decay must be non-negative (got {weight_decay})")
-    if trust_clip is not None and trust_clip <= 0:
-        raise HyperparameterError(f"trust_clip must be positive or None (got {trust_clip})")
-
-
 def build_dense_optimizer(
     named_parameters: Iterable[tuple[str, Tensor]],
     name: str,
@@ -261,25 +243,39 @@ def build_dense_optimizer(
     weight_decay: float,
     trust_clip: float | None = None,
     trust_coefficient: float = 1e-3,
+    novograd_betas: tuple[float, float] = NOVOGRAD_BETAS,
+    curvature: str = "secant",
 ) -> torch.optim.Optimizer:
     """The dense optimizer `name` over two param groups (biases/1-D without weight decay).
 
     adam: `torch.optim.Adam` (L2 added to the gradient); adamw: `torch.optim.AdamW` (decoupled
     decay); sgd: `torch.optim.SGD` with `momentum`; lamb: `Lamb` (betas, eps, trust_clip);
-    lars: `Lars` (momentum, trust_coefficient, trust_clip). Arguments an optimizer does not use
-    are ignored; `trust_clip` on a non-layer-wise optimizer is an error, not silently dropped.
+    lars: `Lars` (momentum, trust_coefficient, trust_clip); lambc: `Lamb` without bias
+    correction, `trust_clip` defaulting to `LAMBC_TRUST_CLIP`; novograd: `NovoGrad`
+    (novograd_betas, eps); sngm: `Sngm` (momentum); cblr: `Cblr` (momentum, trust_coefficient,
+    curvature); mclr: `Mclr` (momentum, curvature). `weight_decay` applies to the matrices only,
+    in each optimizer's own form (see its class). Arguments an optimizer does not use are
+    ignored; `trust_clip` on an optimizer without a trust ratio is an error, not silently
+    dropped.
     """
-    if name not in DENSE_OPTIMIZERS:
+    if name not in tuple(DenseOptimizerName):
         raise HyperparameterError(
-            f"dense optimizer {name!r} is unknown; valid: {', '.join(DENSE_OPTIMIZERS)}"
+            f"dense optimizer {name!r} is unknown; valid: {names(DenseOptimizerName)}"
         )
-    if trust_clip is not None and name not in ("lamb", "lars"):
-        raise HyperparameterError(f"trust_clip applies to lamb and lars only, not {name!r}")
+    if trust_clip is not None and name not in TRUST_CLIPPED:
+        raise HyperparameterError(
+            f"trust_clip applies to {', '.join(TRUST_CLIPPED)} only, not {name}"
+        )
+    if name in LAYERWISE:
+        groups = lamb_lars_param_groups(named_parameters, weight_decay)
+    else:
+        groups = weight_decay_param_groups(named_parameters, weight_decay)
     if name == "lamb":
-        groups = lamb_lars_param_groups(named_parameters, weight_decay)
         return Lamb(groups, lr=lr, betas=betas, eps=eps, trust_clip=trust_clip)
+    if name == "lambc":
+        clip = LAMBC_TRUST_CLIP if trust_clip is None else trust_clip
+        return Lamb(groups, lr=lr, betas=betas, eps=eps, trust_clip=clip, bias_correction=False)
     if name == "lars":
-        groups = lamb_lars_param_groups(named_parameters, weight_decay)
         return Lars(
             groups,
             lr=lr,
@@ -287,7 +283,20 @@ def build_dense_optimizer(
             trust_coefficient=trust_coefficient,
             trust_clip=trust_clip,
         )
-    groups = weight_decay_param_groups(named_parameters, weight_decay)
+    if name == "cblr":
+        return Cblr(
+            groups,
+            lr=lr,
+            momentum=momentum,
+            trust_coefficient=trust_coefficient,
+            curvature=curvature,
+        )
+    if name == "mclr":
+        return Mclr(groups, lr=lr, momentum=momentum, curvature=curvature)
+    if name == "novograd":
+        return NovoGrad(groups, lr=lr, betas=novograd_betas, eps=eps)
+    if name == "sngm":
+        return Sngm(groups, lr=lr, momentum=momentum)
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps)
     if name == "adamw":
