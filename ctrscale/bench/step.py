@@ -1,11 +1,12 @@
 """`ctrscale bench step`: training-step throughput and peak memory of a model, per batch size,
 as a fraction of this machine's compute-bound limit measured in the same run.
 
-The limit is the rows/s the model's dense layers would reach if every step ran at the matmul
-FLOP/s that `torch.mm` attains here (6 FLOPs per multiply-accumulate per row: 2 forward,
-4 backward). Embedding lookups are memory-bound and not counted, so the fraction is an upper
-estimate of how well the step uses the cores. Each batch size runs in a fresh process so that
-its peak RSS is its own.
+The limit is the rows/s the model would reach if every step ran at the matmul FLOP/s that
+`torch.mm` attains here, with the model's FLOPs per row of a forward and backward counted by
+`torch.utils.flop_counter.FlopCounterMode` (matrix products of every layer: MLPs, DLRM's
+pairwise dots, DCNv2's cross layers). Embedding lookups and element-wise work are memory-bound
+and not counted, so the fraction is an upper estimate of how well the step uses the cores.
+Each batch size runs in a fresh process so that its peak RSS is its own.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from ctrscale.config import Config, load_config
+from ctrscale.config import Config, ModelConfig, load_config
 
 # Alternated off/on steps after the warm-up, at least; more while under --min-seconds.
 COWCLIP_MIN_ROUNDS = 5
@@ -42,9 +43,24 @@ def matmul_flops_per_s(rows: int, width: int = 400, repeats: int = 5) -> float:
     return 2.0 * rows * width * width / best
 
 
-def train_flops_per_row(model: nn.Module) -> float:
-    macs = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
-    return 6.0 * macs
+def train_flops_per_row(config: ModelConfig, rows: int = 64) -> float:
+    """FLOPs per row of one forward and backward of an unsharded copy of the model (matrix
+    products only; FLOPs are linear in the batch, so a small one gives the exact per-row)."""
+    from torchrec import KeyedJaggedTensor
+
+    from ctrscale.data.schema import DENSE_FEATURES, SPARSE_FEATURES
+    from ctrscale.models import build_model
+
+    sizes = dict.fromkeys(SPARSE_FEATURES, 8)
+    model = build_model(config, sizes, embedding_device=torch.device("cpu"))
+    features = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(SPARSE_FEATURES),
+        values=torch.zeros(rows * len(SPARSE_FEATURES), dtype=torch.int64),
+        lengths=torch.ones(rows * len(SPARSE_FEATURES), dtype=torch.int32),
+    )
+    with FlopCounterMode(display=False) as counter:
+        model(torch.rand(rows, len(DENSE_FEATURES)), features).sum().backward()
+    return counter.get_total_flops() / rows
 
 
 def peak_rss_mib() -> float:
@@ -87,7 +103,7 @@ def measure_one(config: Config, with_loader: bool, min_seconds: float) -> dict[s
         seconds += run(more)
         steps += more
     rows_per_s = steps * batch_size / seconds
-    limit = matmul_flops_per_s(batch_size) / train_flops_per_row(trainer.dmp.module)
+    limit = matmul_flops_per_s(batch_size) / train_flops_per_row(config.model)
     return {
         "batch_size": batch_size,
         "source": "loader" if with_loader else "memory",

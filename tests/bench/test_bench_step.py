@@ -47,3 +47,26 @@ def test_bench_step_reports_every_batch_size_source_and_the_cowclip_overhead(tmp
     ratio = overhead["step_seconds_on"] / overhead["step_seconds_off"]
     assert math.isclose(report["cowclip_step_time_overhead"], ratio - 1.0)
     assert "CowClip off/on" in done.stdout and "rows/s" in done.stdout
+
+
+def test_flops_per_row_count_every_matrix_product_of_the_model():
+    """DeepFM's FLOPs are its linear layers' (6 per multiply-accumulate: forward and both
+    backward products); DCNv2's cross layers and DLRM's pairwise dots add products that a
+    count of nn.Linear layers misses."""
+    from torch import nn
+
+    from ctrscale.bench.step import train_flops_per_row
+    from ctrscale.config import ModelConfig
+    from ctrscale.data.schema import SPARSE_FEATURES
+    from ctrscale.models import build_model
+
+    def linear_flops(name: str) -> float:
+        model = build_model(ModelConfig(name=name), dict.fromkeys(SPARSE_FEATURES, 8))
+        layers = (m for m in model.modules() if isinstance(m, nn.Linear))
+        return 6.0 * sum(layer.in_features * layer.out_features for layer in layers)
+
+    assert train_flops_per_row(ModelConfig(name="deepfm")) == pytest.approx(
+        linear_flops("deepfm"), rel=1e-4
+    )
+    assert train_flops_per_row(ModelConfig(name="dcnv2")) > 1.1 * linear_flops("dcnv2")
+    assert train_flops_per_row(ModelConfig(name="dlrm")) > linear_flops("dlrm")
