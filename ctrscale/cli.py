@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from ctrscale import __version__
@@ -135,9 +138,23 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     _add_config_arguments(p)
     p.add_argument("--out", default="runs/train", help="output directory (default runs/train)")
     p.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest checkpoint, with its saved config "
+        "(--config/--set may change how it reports, not what it trains)",
     )
-    p.set_defaults(run=_lazy("ctrscale.train.loop:run_cli"))
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: accept changed hyperparameters (they are recorded in config.toml)",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration and the hyperparameters at its batch size, "
+        "then exit without training",
+    )
+    p.set_defaults(run=_lazy("ctrscale.train.commands:run_cli"))
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -149,9 +166,16 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="a step-N checkpoint, or a run / checkpoints directory (its latest checkpoint)",
+        help="a step-N checkpoint, or a run / checkpoints directory (its latest checkpoint); "
+        "the model and data settings are the checkpoint's, --config/--set change the data",
     )
-    p.set_defaults(run=_lazy("ctrscale.train.loop:run_evaluate_cli"))
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write the metrics here as JSON (default: RUN/evaluate-step-N.json for a "
+        "checkpoint of a training run; always printed)",
+    )
+    p.set_defaults(run=_lazy("ctrscale.train.commands:run_evaluate_cli"))
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -265,12 +289,25 @@ def _add_refresh(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_lazy("ctrscale.jobs.refresh:run_cli"))
 
 
+EXIT_CODES = (
+    "exit codes: 0 ok; 1 unexpected failure (a crash: rerunning resumes); 2 bad input or "
+    "configuration; 3 the refresh's AUC gate rejected the model; 4 another process holds the "
+    "lock of the same run, dataset or registry; 5 training diverged (non-finite loss)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctrscale",
         description="Large-batch CTR training on TorchRec (CowClip, LAMB/LARS, sharded tables).",
+        epilog=EXIT_CODES,
     )
     parser.add_argument("--version", action="version", version=f"ctrscale {__version__}")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' warnings and logs (hidden by default)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
     _add_synth(sub)
@@ -281,14 +318,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Hide the libraries' warnings and log lines (TorchRec's planner notes, deprecations,
+    FBGEMM's C++ logs): they repeat on every run and every rank and bury ctrscale's own
+    messages. `--verbose` keeps them."""
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # both read when torch loads
+    os.environ.setdefault("TORCH_LOGS", "-all")
+    for name in ("torch", "torchrec", "fbgemm_gpu"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     tune_process()  # before torch loads
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        quiet_libraries()
     try:
         return int(args.run(args) or 0)
     except CtrscaleError as exc:
-        print(f"ctrscale {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        print(f"\nctrscale {args.command}: error: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

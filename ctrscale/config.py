@@ -8,7 +8,7 @@ name the key. Every default cites where it comes from.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import tomli_w
 import tomllib
@@ -252,6 +252,29 @@ class RefreshConfig(Section):
         return self
 
 
+class SyntheticData(Section):
+    """Data `ctrscale bench auc-vs-batch` generates once with `ctrscale synth` and reuses."""
+
+    rows: int = Field(gt=0)  # per day
+    days: int = Field(default=1, gt=0)
+    seed: int = Field(default=0, ge=0)
+    cardinality_scale: float = Field(default=0.01, gt=0.0, le=1.0)
+    dir: str | None = None  # default <out>/data
+
+
+class BenchTable(Section):
+    """A preset's `[bench]` table: the sweep of `ctrscale bench auc-vs-batch` (its command-line
+    options override it). Validated with the rest of the config; other commands ignore it."""
+
+    batch_sizes: list[int] | None = Field(default=None, min_length=1)  # None: base ×1 … ×128
+    # none/sqrt/linear run with the clip off, cowclip with it on (ctrscale/bench/auc_vs_batch).
+    rules: list[str] = Field(
+        default_factory=lambda: ["none", "sqrt", "linear", "cowclip"], min_length=1
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    synthetic: SyntheticData | None = None
+
+
 class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -259,6 +282,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     refresh: RefreshConfig = Field(default_factory=RefreshConfig)
+    bench: BenchTable = Field(default_factory=BenchTable)
 
 
 def _parse_override_value(raw: str) -> Any:
@@ -302,8 +326,15 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a TOML file (optional), apply `section.key=value` overrides, validate."""
+class UserSettings(NamedTuple):
+    """What a user gave on the command line: a TOML file's keys and `--set` overrides, before
+    they are laid over a base (the defaults, or the config a checkpoint was written with)."""
+
+    tree: dict[str, Any]
+    source: str
+
+
+def user_settings(path: str | Path | None = None, overrides: list[str] | None = None):
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -313,14 +344,62 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply_override(tree, assignment)
     if overrides:
         source += " + --set " + " ".join(overrides)
+    return UserSettings(tree, source)
+
+
+def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_update(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_config(settings: UserSettings, base: Config | None = None) -> Config:
+    """`settings` laid over `base` (default: the defaults), validated."""
+    tree = settings.tree
+    if base is not None:
+        tree = _deep_update(base.model_dump(mode="json", exclude_none=True), tree)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+        raise ConfigError(_format_validation_error(exc, settings.source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (optional), apply `section.key=value` overrides, validate."""
+    return build_config(user_settings(path, overrides))
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differences(old: Config, new: Config, prefixes: tuple[str, ...] = ("",)) -> list[str]:
+    """`key: old → new` for every setting under `prefixes` that differs."""
+    before = _leaves(old.model_dump(mode="json"))
+    after = _leaves(new.model_dump(mode="json"))
+    return [
+        f"{key}: {before.get(key)!r} → {after.get(key)!r}"
+        for key in sorted(set(before) | set(after))
+        if key.startswith(prefixes) and before.get(key) != after.get(key)
+    ]
 
 
 def config_to_toml(config: Config) -> str:
-    return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
+    """The config as TOML; a `[bench]` table only when it is not the default (runs have none)."""
+    tree = config.model_dump(mode="json", exclude_none=True)
+    if config.bench == BenchTable():
+        del tree["bench"]
+    return tomli_w.dumps(tree)
 
 
 def save_config(config: Config, path: str | Path) -> None:

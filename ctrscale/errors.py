@@ -25,3 +25,10 @@ class CtrscaleError(Exception):
 
 class DataError(CtrscaleError):
     """Input data that violates the schema; the message names file, row (group) and column."""
+
+
+class TrainingDiverged(CtrscaleError):
+    """A non-finite loss or parameter; the message names the steps and the last good
+    checkpoint."""
+
+    exit_code = ExitCode.DIVERGED

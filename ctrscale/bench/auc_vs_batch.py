@@ -38,13 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-from pydantic import Field, ValidationError
 
-from ctrscale.choices import ClipMode, DenseOptimizerName, ScalingRule, names
+from ctrscale.bench.methods import RuleVariant, parse_rule
 from ctrscale.config import (
+    BenchTable,
     Config,
-    ConfigError,
-    Section,
+    SyntheticData,
     config_to_toml,
     load_config,
     read_toml,
@@ -52,7 +51,6 @@ from ctrscale.config import (
 from ctrscale.data.schema import METADATA_FILE, read_metadata
 from ctrscale.errors import CtrscaleError
 
-DEFAULT_RULES = ("none", "sqrt", "linear", "cowclip")
 DEFAULT_MULTIPLIERS = tuple(2**k for k in range(8))  # base ×1 … ×128, as in the CowClip paper
 # Config keys every run sets itself: a --set of one would be silently overwritten.
 PER_RUN_KEYS = {
@@ -62,62 +60,11 @@ PER_RUN_KEYS = {
     "train.seed": "--seeds",
 }
 CSV_COLUMNS = (
-    "batch_size", "scale", "rule", "scaling_rule", "dense_optimizer", "seed",
+    "batch_size", "scale", "rule", "scaling_rule", "dense_optimizer", "semantics", "seed",
     "embedding_lr", "embedding_l2", "dense_lr", "dense_warmup_steps", "cowclip",
     "auc", "logloss", "bayes_auc", "bayes_auc_gap", "steps", "epochs",
     "train_rows_per_s", "wall_seconds", "run_dir",
 )  # fmt: skip
-
-
-class SyntheticData(Section):
-    """Data the bench generates once with `ctrscale synth` and reuses while it matches."""
-
-    rows: int = Field(gt=0)  # per day
-    days: int = Field(default=1, gt=0)
-    seed: int = Field(default=0, ge=0)
-    cardinality_scale: float = Field(default=0.01, gt=0.0, le=1.0)
-    dir: str | None = None  # default <out>/data
-
-
-class BenchTable(Section):
-    """The preset's `[bench]` table; command-line options override it."""
-
-    batch_sizes: list[int] | None = Field(default=None, min_length=1)  # None: base ×1 … ×128
-    rules: list[str] = Field(default_factory=lambda: list(DEFAULT_RULES), min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    synthetic: SyntheticData | None = None
-
-
-@dataclass(frozen=True)
-class RuleVariant:
-    """`rule` or `rule+dense`: a scaling rule, optionally with another dense optimizer. The
-    `cowclip` rule runs with the clip on (`optim.cowclip.mode = "paper"`), the others with it
-    off, so each column is the method its name says."""
-
-    name: str
-    scaling_rule: ScalingRule
-    dense_optimizer: DenseOptimizerName | None
-
-    def overrides(self) -> list[str]:
-        dense = [f'optim.dense.name="{self.dense_optimizer}"'] if self.dense_optimizer else []
-        clip = ClipMode.PAPER if self.scaling_rule == ScalingRule.COWCLIP else ClipMode.OFF
-        return [
-            f'optim.schedule.rule="{self.scaling_rule}"',
-            f'optim.cowclip.mode="{clip}"',
-            *dense,
-        ]
-
-
-def parse_rule(name: str) -> RuleVariant:
-    rule, _, dense = name.partition("+")
-    known = rule in tuple(ScalingRule) and (not dense or dense in tuple(DenseOptimizerName))
-    if not known or name.endswith("+"):
-        raise CtrscaleError(
-            f"unknown rule {name!r}: a rule is one of {names(ScalingRule)}, optionally "
-            f"followed by +DENSE with DENSE one of {names(DenseOptimizerName)} "
-            "(e.g. cowclip+lamb)"
-        )
-    return RuleVariant(name, ScalingRule(rule), DenseOptimizerName(dense) if dense else None)
 
 
 @dataclass(frozen=True)
@@ -151,19 +98,11 @@ class Sweep:
 
 
 def read_preset(path: str | Path) -> tuple[BenchTable, dict[str, Any]]:
-    """The `[bench]` table and the rest of the preset, which is a plain ctrscale config.
-
-    [bench] is read here and removed before the config loader sees the rest: the sweep's own
-    settings are not settings of a run, and `Config` rightly rejects unknown sections.
-    """
+    """The `[bench]` table and the rest of the preset: the config every run starts from,
+    without the sweep's own settings (a run's config.toml then shows only what it ran)."""
     tree = read_toml(path)
-    try:
-        bench = BenchTable.model_validate(tree.pop("bench", {}))
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"bench.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"{path}: invalid [bench] table: {problems}") from None
+    bench = load_config(path).bench  # validates the whole preset, [bench] included
+    tree.pop("bench", None)
     return bench, tree
 
 
@@ -326,6 +265,7 @@ def result_row(cell: Cell, config: Config, run_dir: Path, out: Path) -> dict[str
         "rule": cell.variant.name,
         "scaling_rule": hp["rule"],
         "dense_optimizer": config.optim.dense.name,
+        "semantics": config.optim.embedding.semantics,
         "seed": cell.seed,
         "embedding_lr": hp["embedding_lr"],
         "embedding_l2": hp["embedding_l2"],

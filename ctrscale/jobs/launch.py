@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ctrscale.config import Config
+from ctrscale.config import Config, UserSettings
 from ctrscale.distributed.context import child_environment
-from ctrscale.train.loop import evaluate_checkpoint, train
+from ctrscale.train.commands import evaluate_checkpoint
+from ctrscale.train.loop import train
 
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
@@ -74,7 +75,8 @@ def run_evaluation(
 ) -> dict[str, Any]:
     """Exact metrics of `checkpoint` on `config`'s eval split."""
     if nproc == 1:
-        return evaluate_checkpoint(config, checkpoint).as_dict()
+        settings = UserSettings(config.model_dump(mode="json", exclude_none=True), str(config_file))
+        return evaluate_checkpoint(settings, checkpoint)
     args = ["evaluate", "--config", str(config_file), "--checkpoint", str(checkpoint)]
     *progress, last = _torchrun(nproc, args, capture=True).strip().splitlines()
     if progress:

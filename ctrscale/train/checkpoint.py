@@ -4,8 +4,13 @@
 Layout of a checkpoint directory:
     step-00000120/        one DCP checkpoint (every rank writes its own shards)
         .metadata, __*.distcp
-        state.json        step, epoch, loader cursor, world size (plain JSON, no pickle)
+        config.toml       the configuration the run was trained with
+        manifest.json     sha256 of every file above, verified before anything is loaded
+        state.json        step, epoch, loader cursor, world size, table sizes (written last)
     latest                name of the newest complete checkpoint (replaced atomically)
+
+A checkpoint describes itself: `evaluate`, `--resume` and warm starts take the model from its
+config.toml, and refuse a configuration or data whose model differs, naming the keys.
 
 A checkpoint is written to a hidden temp directory and renamed into place only after every
 rank has finished, so a crash leaves either the previous checkpoint or the new one. DCP
@@ -31,7 +36,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata
 
-from ctrscale.errors import CtrscaleError
+from ctrscale.config import Config, config_to_toml, differences, load_config
+from ctrscale.data.schema import sha256_file
+from ctrscale.errors import CtrscaleError, TrainingDiverged
 from ctrscale.files import publish_dir, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
@@ -40,6 +47,13 @@ if TYPE_CHECKING:
 
 LATEST = "latest"
 STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.toml"
+
+
+class CheckpointError(CtrscaleError):
+    """A checkpoint that is corrupt, incomplete, or of another model than asked for."""
+
 
 # Modules whose classes may appear in DCP's pickled metadata: its own dataclasses, torch's
 # Size/dtype/layout/memory_format, and plain containers.
@@ -123,9 +137,15 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 
 def save_checkpoint(
-    directory: str | Path, step: int, tensors: dict[str, Any], state: dict[str, Any], keep: int = 2
+    directory: str | Path,
+    step: int,
+    tensors: dict[str, Any],
+    state: dict[str, Any],
+    config: Config,
+    keep: int = 2,
 ) -> Path:
-    """Write `tensors` (state dicts, sharded or not) with DCP plus `state` as JSON; collective."""
+    """Write `tensors` (state dicts, sharded or not) with DCP, the config, a manifest of every
+    file and `state` as JSON; collective."""
     directory = Path(directory)
     final = directory / f"step-{step:08d}"
     staging = directory / f".step-{step:08d}.tmp"
@@ -136,6 +156,10 @@ def save_checkpoint(
     dcp.save(tensors, checkpoint_id=staging)
     _barrier()
     if _is_main():
+        write_text_atomic(staging / CONFIG_FILE, config_to_toml(config))
+        files = sorted(p for p in staging.iterdir() if p.is_file())
+        manifest = {p.name: sha256_file(p, sync=True) for p in files}
+        write_json_atomic(staging / MANIFEST_FILE, manifest)
         write_json_atomic(staging / STATE_FILE, {**state, "step": step})
         publish_dir(staging, final)  # a re-run that reached the same step replaces it
         write_text_atomic(directory / LATEST, final.name + "\n")
@@ -153,13 +177,73 @@ def _prune(directory: Path, keep: int, current: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def verify_checkpoint(path: Path) -> None:
+    """Every file against the manifest's sha256; the ranks share the hashing. Raises
+    `CheckpointError` naming the corrupt or missing files."""
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: no readable {MANIFEST_FILE} ({exc})") from None
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    problems = []
+    for name, expected in sorted(manifest.items())[rank::world]:
+        file = path / name
+        if not file.exists():
+            problems.append(f"{file} is missing")
+        elif sha256_file(file) != expected:
+            problems.append(f"{file} is corrupt (its sha256 differs from {MANIFEST_FILE}'s)")
+    if world > 1:
+        gathered: list[list[str]] = [[] for _ in range(world)]
+        dist.all_gather_object(gathered, problems)
+        problems = [problem for part in gathered for problem in part]
+    if problems:
+        raise CheckpointError("; ".join(problems))
+
+
+def checkpoint_config(path: Path) -> Config:
+    """The configuration a checkpoint was written with."""
+    if not (path / CONFIG_FILE).exists():
+        raise CheckpointError(f"{path} has no {CONFIG_FILE}: not a ctrscale checkpoint")
+    return load_config(path / CONFIG_FILE)
+
+
 def load_checkpoint(path: str | Path, tensors: dict[str, Any]) -> dict[str, Any]:
-    """Load into `tensors` in place (re-sharding as needed); returns the JSON state."""
+    """Verify, then load into `tensors` in place (re-sharding as needed); returns the JSON
+    state."""
     path = Path(path)
+    verify_checkpoint(path)
     reader = SafeFileSystemReader(path)
     reader.read_metadata()  # refuse here: inside dcp.load a refusal is wrapped and obscured
     dcp.load(tensors, storage_reader=reader)
     return json.loads((path / STATE_FILE).read_text())
+
+
+# What the tensors of a checkpoint depend on: the model, and the optimizers' state layouts.
+MODEL_KEYS = ("model.",)
+OPTIMIZER_KEYS = ("optim.embedding.name", "optim.dense.name")
+
+
+def check_compatible(path: Path, trainer: Trainer, with_optimizer: bool) -> None:
+    """A clear error, naming the keys or tables, when `path` holds another model than
+    `trainer`'s (instead of a page of DCP errors, or a silent partial load)."""
+    saved = checkpoint_config(path)
+    keys = MODEL_KEYS + (OPTIMIZER_KEYS if with_optimizer else ())
+    changed = differences(saved, trainer.config, keys)
+    if changed:
+        raise CheckpointError(
+            f"{path} holds another model than this run's configuration: "
+            + "; ".join(changed)
+            + " (saved → this run's)"
+        )
+    state = json.loads((path / STATE_FILE).read_text())
+    saved_sizes = state.get("table_sizes", {})
+    other = {k: (saved_sizes.get(k), v) for k, v in trainer.table_sizes.items()}
+    other = {k: sizes for k, sizes in other.items() if sizes[0] != sizes[1]}
+    if other:
+        raise CheckpointError(
+            f"{path} has other table sizes than this run's data: "
+            + ", ".join(f"{k}: {saved} → {now}" for k, (saved, now) in sorted(other.items()))
+        )
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -176,6 +260,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_into(trainer: Trainer, path: Path, with_optimizer: bool) -> dict[str, Any]:
     """Load a checkpoint into `trainer` (model, and optimizers unless not asked for); returns
     the checkpoint's JSON state."""
+    check_compatible(path, trainer, with_optimizer)
     tensors = trainer.tensors_to_load(with_optimizer)
     state = load_checkpoint(path, tensors)
     trainer.load_state_tensors(tensors)
@@ -228,10 +313,18 @@ class Checkpointer:
             self.save(progress)
 
     def save(self, progress: Progress) -> None:
+        if not self.trainer.all_finite():
+            last = latest_checkpoint(self.directory)
+            raise TrainingDiverged(
+                f"a parameter became non-finite by step {progress.step}; not saving it "
+                f"(the last good checkpoint is {last or 'none'}); lower the learning rates"
+            )
         state = {
             **asdict(progress),
             "loader": self.loader.state_dict(),
             "world_size": self.trainer.ctx.world_size,
+            "table_sizes": self.trainer.table_sizes,
         }
         del state["step"]  # save_checkpoint records it
-        save_checkpoint(self.directory, progress.step, self.trainer.state_tensors(), state)
+        tensors = self.trainer.state_tensors()
+        save_checkpoint(self.directory, progress.step, tensors, state, self.trainer.config)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ctrscale.data.schema import TRUE_PROBABILITY
+from ctrscale.errors import TrainingDiverged
 from ctrscale.metrics import exact_auc, logloss, logloss_from_logits
 
 
@@ -72,6 +73,11 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device) -> EvalR
         return gather_to_all(local).cpu().double().numpy()
 
     all_logits, all_labels = gathered(logits), gathered(labels)
+    if not np.isfinite(all_logits).all():
+        raise TrainingDiverged(
+            f"{int((~np.isfinite(all_logits)).sum()):,} of {all_logits.size:,} predictions are "
+            "not finite: the model diverged (lower the learning rates)"
+        )
     result = {
         "auc": exact_auc(all_logits, all_labels),
         "logloss": logloss_from_logits(all_logits, all_labels),

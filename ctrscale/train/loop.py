@@ -9,8 +9,14 @@ objects that decide for themselves when they are due.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +24,38 @@ import torch
 import torch.distributed as dist
 from torchrec.datasets.utils import Batch
 
-from ctrscale.config import Config, load_config, save_config
+from ctrscale import __version__
+from ctrscale.config import (
+    Config,
+    save_config,
+)
 from ctrscale.data.loader import ParquetBatchLoader
 from ctrscale.data.schema import TRUE_PROBABILITY
 from ctrscale.distributed.context import DistContext, global_sum, init_distributed
 from ctrscale.errors import CtrscaleError
 from ctrscale.files import write_json_atomic, write_text_atomic
-from ctrscale.train.checkpoint import Checkpointer, Progress, load_into, resolve_checkpoint
-from ctrscale.train.evaluate import EvalResult, PeriodicEvaluator, evaluate
-from ctrscale.train.metrics_log import MetricsLog, TrainingWindow
+from ctrscale.locking import ExclusiveLock
+from ctrscale.train.checkpoint import (
+    Checkpointer,
+    Progress,
+)
+from ctrscale.train.evaluate import EvalResult, PeriodicEvaluator
+from ctrscale.train.metrics_log import MetricsLog, TrainingWindow, finite_or_none
 from ctrscale.train.step import Trainer, build_trainer
+
+CONFIG_TOML = "config.toml"
+METRICS_JSON = "metrics.json"
+RUN_JSON = "run.json"
 
 
 def train(config: Config, out_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
     out_dir = Path(out_dir)
     ctx = init_distributed(config.distributed)
+    with run_lock(out_dir, ctx):
+        return _train(config, out_dir, ctx, resume)
+
+
+def _train(config: Config, out_dir: Path, ctx: DistContext, resume: bool) -> dict[str, Any]:
     torch.manual_seed(config.train.seed)
     train_loader, eval_loader = make_loaders(config, ctx)
     steps_per_epoch, total_steps = step_budget(config, train_loader)
@@ -47,8 +70,12 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False) -> dict[
         out_dir / "checkpoints", config.train.checkpoint_every_steps, trainer, train_loader
     )
     progress = start(checkpointer, config, resume)
+    if resume and progress.step >= total_steps and (out_dir / METRICS_JSON).exists():
+        # Resuming a finished run changes nothing.
+        print(f"{out_dir} finished at step {progress.step}; nothing to resume", file=sys.stderr)
+        return json.loads((out_dir / METRICS_JSON).read_text())
     if ctx.is_main:
-        write_run_files(out_dir, config, trainer)
+        write_run_files(out_dir, config, trainer, resumed_from=progress.step if resume else None)
 
     log = MetricsLog(
         out_dir,
@@ -57,6 +84,8 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False) -> dict[
         start_step=progress.step,
         tensorboard=config.train.tensorboard,
     )
+    if resume:
+        log.message(f"resumed from step {progress.step} ({checkpointer.directory})")
     log.message(
         f"training {config.model.name}: {total_steps} steps of {config.data.batch_size} rows "
         f"({steps_per_epoch} per epoch) on {ctx.world_size} × {ctx.device.type}; "
@@ -68,16 +97,16 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False) -> dict[
         eval_loader, config.train.eval_every_steps, ctx.device, report_to(log)
     )
 
-    for batch, global_rows in batches(train_loader, config, ctx, progress, total_steps):
-        loss_sum = trainer.step(batch, global_rows, progress.step)
-        progress.advance(global_rows)
-        window.after_step(progress.step, progress.epoch, loss_sum, global_rows, trainer)
-        with window.paused():
-            evaluator.after_step(trainer.dmp, progress.step, progress.epoch)
-            checkpointer.after_step(progress)
-
-    result = evaluator.final(trainer.dmp, progress.step, progress.epoch)
-    checkpointer.save(progress)
+    with contextlib.closing(log):  # also on errors: an error message starts on its own line
+        for batch, global_rows in batches(train_loader, config, ctx, progress, total_steps):
+            loss_sum = trainer.step(batch, global_rows, progress.step)
+            progress.advance(global_rows)
+            window.after_step(progress.step, progress.epoch, loss_sum, global_rows, trainer)
+            with window.paused():
+                evaluator.after_step(trainer.dmp, progress.step, progress.epoch)
+                checkpointer.after_step(progress)
+        result = evaluator.final(trainer.dmp, progress.step, progress.epoch)
+        checkpointer.save(progress)
     final = {
         **result.as_dict(),
         "steps": progress.step,
@@ -89,8 +118,7 @@ def train(config: Config, out_dir: str | Path, *, resume: bool = False) -> dict[
         "hyperparameters": trainer.describe(),
     }
     if ctx.is_main:
-        write_json_atomic(out_dir / "metrics.json", final)
-    log.close()
+        write_json_atomic(out_dir / METRICS_JSON, finite_or_none(final))
     return final
 
 
@@ -115,7 +143,23 @@ def make_loaders(config: Config, ctx: DistContext) -> tuple[ParquetBatchLoader, 
         # Synthetic data carries the teacher's probabilities: the eval's Bayes-optimal AUC.
         extra_columns=(TRUE_PROBABILITY,) if train_loader.has_column(TRUE_PROBABILITY) else (),
     )
+    check_ids_fit(evaluation, train_loader.table_sizes, "the training data's tables")
     return train_loader, evaluation
+
+
+def check_ids_fit(loader: ParquetBatchLoader, table_sizes: dict[str, int], model: str) -> None:
+    """The loader checks every id against its dataset's table sizes; those must fit `model`'s
+    tables, or ids past a table's end would be looked up (FBGEMM then reads row 0)."""
+    too_big = {
+        feature: (size, table_sizes[feature])
+        for feature, size in loader.table_sizes.items()
+        if size > table_sizes[feature]
+    }
+    if too_big:
+        raise CtrscaleError(
+            f"{loader.files[0].parent}: ids up to these table sizes do not fit {model}: "
+            + ", ".join(f"{k} {data} > {model_size}" for k, (data, model_size) in too_big.items())
+        )
 
 
 def step_budget(config: Config, loader: ParquetBatchLoader) -> tuple[int, int]:
@@ -132,6 +176,42 @@ def step_budget(config: Config, loader: ParquetBatchLoader) -> tuple[int, int]:
     return steps_per_epoch, total_steps
 
 
+@contextlib.contextmanager
+def run_lock(out_dir: Path, ctx: DistContext) -> Iterator[None]:
+    """One `ctrscale train` per run directory: rank 0 holds the lock, and every rank stops
+    with its error when it is taken (instead of waiting in a collective)."""
+    lock = ExclusiveLock(out_dir / ".lock", "another `ctrscale train` is writing this run")
+    error = None
+    if ctx.is_main:
+        try:
+            _usable_out_dir(out_dir)
+            lock.__enter__()
+        except CtrscaleError as exc:
+            error = exc
+    if ctx.world_size > 1:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        if ctx.is_main:
+            lock.__exit__(None, None, None)
+
+
+def _usable_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CtrscaleError(f"--out {out_dir}: a file, not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CtrscaleError(f"--out {out_dir}: cannot create it ({exc.strerror})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise CtrscaleError(f"--out {out_dir}: not writable by this user")
+
+
 def start(checkpointer: Checkpointer, config: Config, resume: bool) -> Progress:
     """Where the run begins: its own latest checkpoint (`--resume`), a warm start, or step 0."""
     if not resume and checkpointer.has_checkpoint():
@@ -139,19 +219,32 @@ def start(checkpointer: Checkpointer, config: Config, resume: bool) -> Progress:
             f"{checkpointer.directory.parent} already holds a run's checkpoints: pass --resume "
             "to continue it, or choose another --out"
         )
-    if resume and (progress := checkpointer.restore()) is not None:
+    if resume:
+        progress = checkpointer.restore()
+        if progress is None:
+            raise CtrscaleError(
+                f"--resume: {checkpointer.directory} holds no checkpoint to continue from"
+            )
         return progress
     if config.train.warm_start:
         checkpointer.warm_start(config.train.warm_start, config.train.warm_start_optimizer)
     return Progress()
 
 
-def write_run_files(out_dir: Path, config: Config, trainer: Trainer) -> None:
-    """What ran: the effective config, the hyperparameters at this batch size, the plan."""
+def write_run_files(
+    out_dir: Path, config: Config, trainer: Trainer, resumed_from: int | None
+) -> None:
+    """What ran: the effective config, the hyperparameters at this batch size, the plan, and
+    who ran it (`run.json`: one entry per start, so a resumed run shows each)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / "config.toml")
+    save_config(config, out_dir / CONFIG_TOML)
     write_json_atomic(out_dir / "hyperparameters.json", trainer.describe())
     write_text_atomic(out_dir / "plan.txt", f"{trainer.dmp.plan}\n")
+    starts = []
+    if resumed_from is not None and (out_dir / RUN_JSON).exists():
+        starts = json.loads((out_dir / RUN_JSON).read_text())["starts"]
+    starts.append({**environment(trainer.ctx), "resumed_from_step": resumed_from})
+    write_json_atomic(out_dir / RUN_JSON, {"starts": starts})
 
 
 def batches(
@@ -194,27 +287,30 @@ def report_to(log: MetricsLog):
     return report
 
 
-def evaluate_checkpoint(config: Config, source: str | Path) -> EvalResult:
-    """Exact eval metrics of a saved model on `config`'s eval split (any world size)."""
-    ctx = init_distributed(config.distributed)
-    _, eval_loader = make_loaders(config, ctx)
-    trainer = build_trainer(config, ctx, eval_loader.table_sizes, steps_per_epoch=1, total_steps=1)
-    load_into(trainer, resolve_checkpoint(source), with_optimizer=False)
-    return evaluate(trainer.dmp, eval_loader, ctx.device)
+def environment(ctx: DistContext) -> dict[str, Any]:
+    """Who ran a job, where, with what: for `run.json`."""
+    return {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": sys.argv,
+        "ctrscale": __version__,
+        "commit": source_commit(),
+        "host": socket.gethostname(),
+        "world_size": ctx.world_size,
+        "device": ctx.device.type,
+        "precision": "fp32",
+        "torch": torch.__version__,
+    }
 
 
-def run_evaluate_cli(args) -> int:
-    config = load_config(args.config, args.overrides)
-    result = evaluate_checkpoint(config, args.checkpoint)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(json.dumps(result.as_dict()))
-    return 0
-
-
-def run_cli(args) -> int:
-    config = load_config(args.config, args.overrides)
-    metrics = train(config, args.out, resume=args.resume)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        summary = {k: metrics[k] for k in ("auc", "logloss", "bayes_auc", "steps", "rows_per_s")}
-        print(json.dumps(summary))
-    return 0
+def source_commit() -> str | None:
+    """The git commit of ctrscale's source, when it runs from a checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None

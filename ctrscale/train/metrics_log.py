@@ -1,10 +1,13 @@
-"""Where a run reports: JSON lines (`metrics.jsonl`), a progress bar and optional TensorBoard,
-all on rank 0 only; and the training window that decides when a training record is due."""
+"""Where a run reports: JSON lines (`metrics.jsonl`, strict JSON: a non-finite number is
+written as null), a progress bar and optional TensorBoard, all on rank 0 only; and the
+training window that decides when a training record is due and stops a diverged run."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +17,32 @@ import torch
 from tqdm import tqdm
 
 from ctrscale.distributed.context import global_sum
-from ctrscale.errors import CtrscaleError
+from ctrscale.errors import CtrscaleError, TrainingDiverged
+from ctrscale.files import write_text_atomic
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def finite_or_none(value: Any) -> Any:
+    """`value` with every non-finite float (also inside dicts and lists) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(item) for item in value]
+    return value
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Forget the records a killed run wrote after its last checkpoint (step `step`), so that
+    a resumed run does not log those steps twice."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(kept))
 
 
 class MetricsLog:
@@ -28,7 +56,8 @@ class MetricsLog:
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115 - lives as long as the run
+        drop_records_after(out_dir / METRICS_FILE, start_step)
+        self._file = open(out_dir / METRICS_FILE, "a")  # noqa: SIM115 - lives as long as the run
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         if tensorboard:
             try:
@@ -44,11 +73,11 @@ class MetricsLog:
         if not self.enabled:
             return
         line = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
-        self._file.write(json.dumps(line) + "\n")
+        self._file.write(json.dumps(finite_or_none(line), allow_nan=False) + "\n")
         self._file.flush()
         if self._writer is not None:
             for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if isinstance(value, int | float) and not isinstance(value, bool):
                     self._writer.add_scalar(f"{kind}/{key}", value, step)
                 elif isinstance(value, dict):
                     for sub, number in value.items():
@@ -60,8 +89,10 @@ class MetricsLog:
             self._bar.set_postfix(postfix, refresh=False)
 
     def message(self, text: str) -> None:
+        """A line for the user on stderr, above the progress bar (stdout carries only a
+        command's result)."""
         if self.enabled:
-            tqdm.write(text)
+            tqdm.write(text, file=sys.stderr)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -116,6 +147,12 @@ class TrainingWindow:
             step,
             {"epoch": epoch, "loss": loss, "rows_per_s": rows_per_s, "lr": learning_rates},
         )
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"the training loss became {loss} between steps {step - self.steps + 1} and "
+                f"{step}; stopped without saving (the last checkpoint is the last good model); "
+                f"lower the learning rates ({learning_rates})"
+            )
         self.log.progress(self.steps, loss=f"{loss:.4f}", rows_s=f"{rows_per_s:,.0f}")
         self.train_seconds += seconds
         self.trained_rows += self.rows

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
@@ -33,6 +35,8 @@ class Trainer:
     dense: DenseUpdate
     hyperparameters: ResolvedHyperparameters
     ctx: DistContext
+    config: Config  # as given, before batch-size scaling: what checkpoints record
+    table_sizes: dict[str, int]
 
     def step(self, batch: Batch, global_rows: int, step: int) -> torch.Tensor:
         """Optimizer step number `step` on this rank's share of the global-batch mean loss;
@@ -51,6 +55,23 @@ class Trainer:
         self.embedding.after_backward(global_rows)
         self.dense.step(step)
         return loss_sum.detach()
+
+    @torch.no_grad()
+    def all_finite(self) -> bool:
+        """Every parameter, every rank's table shards included, is finite (checked before a
+        checkpoint is written: a diverged model must never replace a good one)."""
+        finite = True
+        for value in self.dmp.state_dict().values():
+            tensors = (
+                [shard.tensor for shard in value.local_shards()]
+                if isinstance(value, ShardedTensor)
+                else [value]
+            )
+            finite = finite and all(bool(torch.isfinite(t).all()) for t in tensors)
+        flag = torch.tensor([1.0 if finite else 0.0], device=self.ctx.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def learning_rates(self) -> dict[str, float]:
         return {"embedding": self.embedding.learning_rate, "dense": self.dense.learning_rate}
@@ -135,4 +156,4 @@ def build_trainer(
         warmup_steps=hyperparameters.dense_warmup_steps,
         total_steps=total_steps,
     )
-    return Trainer(dmp, embedding, dense, hyperparameters, ctx)
+    return Trainer(dmp, embedding, dense, hyperparameters, ctx, config, dict(table_sizes))

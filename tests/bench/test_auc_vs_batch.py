@@ -15,7 +15,8 @@ from runner import run_ctrscale
 from support import REPO_ROOT
 
 from ctrscale import cli
-from ctrscale.bench.auc_vs_batch import mean_std, parse_rule, summarize
+from ctrscale.bench.auc_vs_batch import mean_std, summarize
+from ctrscale.bench.methods import parse_rule
 from ctrscale.errors import CtrscaleError
 
 QUICK = REPO_ROOT / "pipelines" / "quick.toml"
@@ -61,9 +62,14 @@ def test_rule_names_split_into_scaling_rule_and_dense_optimizer(name, scaling_ru
         scaling_rule,
         dense,
     )
-    expected = [f'optim.schedule.rule="{scaling_rule}"']
+    clip = "paper" if scaling_rule == "cowclip" else "off"
+    expected = [f'optim.schedule.rule="{scaling_rule}"', f'optim.cowclip.mode="{clip}"']
     expected += [f'optim.dense.name="{dense}"'] if dense else []
     assert variant.overrides() == expected
+
+
+def test_the_dense_modifier_selects_the_official_codes_embedding_update():
+    assert parse_rule("cowclip+dense").overrides()[-1] == 'optim.embedding.semantics="dense"'
 
 
 @pytest.mark.parametrize("name", ["bogus", "cowclip+rmsprop", "cowclip+", "+lamb", "Cowclip"])
@@ -78,7 +84,7 @@ def test_unknown_rules_are_refused_naming_the_valid_ones(name):
 
 def test_cli_refuses_an_unknown_rule_before_doing_any_work(tmp_path, capsys):
     out = tmp_path / "sweep"
-    assert cli.main(bench_args(out, "--rules", "cowclip", "cowclip+adagrad")) == 1
+    assert cli.main(bench_args(out, "--rules", "cowclip", "cowclip+adagrad")) == 2  # bad input
     error = capsys.readouterr().err
     assert "unknown rule 'cowclip+adagrad'" in error
     assert "none, linear, sqrt, cowclip" in error and "lamb, lars" in error

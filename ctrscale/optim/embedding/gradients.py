@@ -235,7 +235,7 @@ def flat_elements(part: GroupRows) -> Tensor:
     lookups, group = part.lookups, part.group
     segments = lookups.segments
     id_slot = lookups.slot[segments.representative]
-    local_rows = segments.unique_ids - group.key_offsets[id_slot] - group.row_offsets[id_slot]
+    local_rows = segments.unique_ids - group.key_offsets[id_slot]
     width = lookups.weight.shape[1]
     start = group.flat_offsets[id_slot] + local_rows * width
     return start.unsqueeze(1) + torch.arange(width, device=start.device)

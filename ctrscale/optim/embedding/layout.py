@@ -34,7 +34,6 @@ class _Feature(NamedTuple):
     input_feature: str  # the KJT key; a feature read by two tables has the same ids in both
     first_column: int  # in the pooled output
     key_offset: int  # makes (feature, id) keys distinct within the TBE
-    row_offset: int  # first global row of the shard (row-wise shards)
     flat_offset: int  # where the shard's row 0 starts in the flat weight buffer
     column_slot: int  # among the clipped tables whose rows are split over shards; else -1
 
@@ -52,7 +51,6 @@ class Group:
     features: Tensor
     flat_columns: Tensor  # [F_g · width]: the group's block of the pooled output
     key_offsets: Tensor
-    row_offsets: Tensor  # first global row of the feature's shard (row-wise shards)
     flat_offsets: Tensor  # where the shard's row 0 starts in the flat weight buffer
     column_slots: Tensor
     full_dim: int
@@ -123,11 +121,15 @@ def split_clipped_tables(
 
 
 def fused_tbe(emb: nn.Module, clips: Callable[[str], bool], column_tables: list[str]) -> FusedTbe:
+    """The TBE's features and groups. The ids a TBE receives are local to its shards: TorchRec's
+    row-wise input distribution subtracts each shard's first row (ids 7 and 9 of a table split
+    in blocks of 5 arrive as 2 and 4), and other shards hold whole columns from row 0. So a
+    feature's key offset is the number of rows of the shards before it in the TBE, and a key
+    minus that offset is a row of the shard."""
     views = emb.emb_module.split_embedding_weights()
     per_feature, shards, column, key_offset = [], [], 0, 0
     for table, view in zip(emb.config.embedding_tables, views, strict=True):
         shards.append(TableShard(shard_key(table), table.name, view))
-        row_offset = table.local_metadata.shard_offsets[0] if table.local_metadata else 0
         for input_feature in table.feature_names:
             per_feature.append(
                 _Feature(
@@ -136,8 +138,7 @@ def fused_tbe(emb: nn.Module, clips: Callable[[str], bool], column_tables: list[
                     table=table.name,
                     input_feature=input_feature,
                     first_column=column,
-                    key_offset=key_offset - row_offset,
-                    row_offset=row_offset,
+                    key_offset=key_offset,
                     flat_offset=view.storage_offset(),
                     column_slot=column_tables.index(table.name)
                     if table.name in column_tables
@@ -192,7 +193,6 @@ def _groups(per_feature: list[_Feature], device: torch.device) -> list[Group]:
                     long(first_columns).unsqueeze(1) + long(list(range(width)))
                 ).flatten(),
                 key_offsets=long([m.key_offset for m in members]),
-                row_offsets=long([m.row_offset for m in members]),
                 flat_offsets=long([m.flat_offset for m in members]),
                 column_slots=long(column_slots),
                 full_dim=full_dim,

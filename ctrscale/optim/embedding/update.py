@@ -152,9 +152,7 @@ class EmbeddingUpdate:
                 self._attach_fused(emb)
 
     def _zeta(self, dim: int) -> float:
-        if self.cowclip.zeta is not None:
-            return self.cowclip.zeta
-        return zeta_from_official_bound(self.cowclip.r, dim, self.cowclip.bound)
+        return clip_floor(self.cowclip, dim)
 
     def _attach_fused(self, emb: nn.Module) -> None:
         tbe = fused_tbe(emb, self.rule.clips, self._column_tables)
@@ -314,6 +312,14 @@ class EmbeddingUpdate:
             "path": self.path.value,
             "cowclip": clip,
         }
+
+
+def clip_floor(cowclip: CowClipConfig, dim: int) -> float:
+    """CowClip's ζ for tables of width `dim`: `optim.cowclip.zeta`, or the official code's
+    r²·√d·bound when unset."""
+    if cowclip.zeta is not None:
+        return cowclip.zeta
+    return zeta_from_official_bound(cowclip.r, dim, cowclip.bound)
 
 
 def _check_clip(

@@ -1,0 +1,56 @@
+"""The methods a sweep compares, by name: `RULE[+MODIFIER…]`.
+
+RULE is a scaling rule (`optim.schedule.rule`); `cowclip` runs with the clip on, the others
+with it off, so each name is the method it says. Each MODIFIER is a named set of config
+overrides laid over it: another dense optimizer (`+lamb`, `+novograd`, …), the official
+code's dense embedding update (`+dense`), … — `MODIFIERS` lists them all, and a new method
+needs only an entry there. E.g. `cowclip+lamb`, `none+sngm`, `cowclip+dense`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ctrscale.choices import ClipMode, DenseOptimizerName, ScalingRule, UpdateSemantics, names
+from ctrscale.errors import CtrscaleError
+
+MODIFIERS: dict[str, tuple[str, ...]] = {
+    **{
+        name.value: (f'optim.dense.name="{name}"',)
+        for name in DenseOptimizerName
+        if name != DenseOptimizerName.ADAM
+    },
+    "adam": ('optim.dense.name="adam"',),
+    "dense": (f'optim.embedding.semantics="{UpdateSemantics.DENSE}"',),
+}
+
+
+@dataclass(frozen=True)
+class RuleVariant:
+    name: str
+    scaling_rule: ScalingRule
+    modifiers: tuple[str, ...] = ()
+
+    @property
+    def dense_optimizer(self) -> str | None:
+        named = [m for m in self.modifiers if m in tuple(DenseOptimizerName)]
+        return named[-1] if named else None
+
+    def overrides(self) -> list[str]:
+        clip = ClipMode.PAPER if self.scaling_rule == ScalingRule.COWCLIP else ClipMode.OFF
+        settings = [f'optim.schedule.rule="{self.scaling_rule}"', f'optim.cowclip.mode="{clip}"']
+        for modifier in self.modifiers:
+            settings += MODIFIERS[modifier]
+        return settings
+
+
+def parse_rule(name: str) -> RuleVariant:
+    rule, *modifiers = name.split("+")
+    unknown = [m for m in modifiers if m not in MODIFIERS]
+    if rule not in tuple(ScalingRule) or unknown:
+        raise CtrscaleError(
+            f"unknown rule {name!r}: a rule is one of {names(ScalingRule)}, optionally "
+            f"followed by +MODIFIER with MODIFIER one of {', '.join(MODIFIERS)} "
+            "(e.g. cowclip+lamb, cowclip+dense)"
+        )
+    return RuleVariant(name, ScalingRule(rule), tuple(modifiers))
