@@ -1,10 +1,13 @@
 """The pinned stack is the same everywhere it is written down: pyproject, the CPU
 requirements that `make setup` installs, the Makefile and the GPU Dockerfile."""
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 
+import pytest
 import tomllib
 from support import REPO_ROOT
 
@@ -62,3 +65,38 @@ def test_console_script_reports_version_and_help_without_loading_torch():
         [sys.executable, "-m", "ctrscale", "--version"], check=True, capture_output=True, text=True
     )
     assert out.stdout.strip() == "ctrscale 0.1.0"
+
+
+def test_dockerfile_creates_its_user_on_a_base_image_that_has_uid_1000(tmp_path):
+    """nvidia/cuda:*-ubuntu24.04 inherits user/group `ubuntu` with uid/gid 1000. The
+    Dockerfile's user commands, run against a root with that user (`--root`), succeed and
+    give ctrscale uid and gid 1000; a plain `useradd --uid 1000` fails there."""
+    if shutil.which("useradd") is None or os.geteuid() != 0:
+        pytest.skip("needs useradd and root")
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "home").mkdir()
+    files = {
+        "passwd": "root:x:0:0::/root:/bin/sh\nubuntu:x:1000:1000::/home/ubuntu:/bin/sh\n",
+        "group": "root:x:0:\nubuntu:x:1000:\n",
+        "shadow": "root:*:19000::::::\nubuntu:!:19000::::::\n",
+        "gshadow": "root:*::\nubuntu:!::\n",
+    }
+    for name, text in files.items():
+        (root / "etc" / name).write_text(text)
+    plain = ["useradd", "--root", str(root), "--uid", "1000", "x"]
+    refused = subprocess.run(plain, capture_output=True)
+    assert refused.returncode != 0 and b"not unique" in refused.stderr
+
+    dockerfile = (REPO_ROOT / "docker" / "Dockerfile").read_text()
+    run = re.search(r"^RUN (if id -u ubuntu.*?)\n(?!\s*&&)", dockerfile, re.M | re.S).group(1)
+    steps = [step.strip(" \\\n") for step in run.split("&&")]
+    script = " && ".join(s for s in steps if s.startswith(("if ", "groupadd", "useradd")))
+    script = script.replace("id -u ubuntu", f"grep -q '^ubuntu:' {root}/etc/passwd")
+    script = script.replace("getent group ubuntu", f"grep -q '^ubuntu:' {root}/etc/group")
+    for tool in ("userdel", "groupdel", "groupadd", "useradd"):
+        script = script.replace(f"{tool} ", f"{tool} --root {root} ")
+    subprocess.run(["sh", "-c", script], check=True, capture_output=True)
+    users = (root / "etc/passwd").read_text().splitlines()
+    entry = next(line for line in users if line.startswith("ctrscale:"))
+    assert entry.split(":")[2:4] == ["1000", "1000"]

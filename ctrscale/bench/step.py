@@ -31,14 +31,30 @@ from ctrscale.config import Config, ModelConfig, load_config
 COWCLIP_MIN_ROUNDS = 5
 
 
-def matmul_flops_per_s(rows: int, width: int = 400, repeats: int = 5) -> float:
-    """Best-of FLOP/s of an [rows, width] × [width, width] float32 matmul (a DNN layer)."""
-    a, b = torch.randn(rows, width), torch.randn(width, width)
+CPU = torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device: CUDA runs kernels asynchronously, so a clock read without this
+    times the launch, not the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops_per_s(
+    rows: int, device: torch.device = CPU, width: int = 400, repeats: int = 5
+) -> float:
+    """Best-of FLOP/s of an [rows, width] × [width, width] float32 matmul (a DNN layer) on
+    the device the steps run on."""
+    a = torch.randn(rows, width, device=device)
+    b = torch.randn(width, width, device=device)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         torch.mm(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2.0 * rows * width * width / best
 
@@ -67,6 +83,11 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def peak_device_mib(device: torch.device) -> float | None:
+    """Peak GPU memory of the process (None on CPU, where RSS is the memory)."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
 def _trainer_and_batches(config: Config):
     from ctrscale.data.loader import ParquetBatchLoader
     from ctrscale.distributed.context import init_distributed
@@ -91,9 +112,11 @@ def measure_one(config: Config, with_loader: bool, min_seconds: float) -> dict[s
     source = cycle(train_loader) if with_loader else cycle(in_memory)
 
     def run(steps: int) -> float:
+        synchronize(ctx.device)
         start = time.perf_counter()
         for index, batch in enumerate(islice(source, steps)):
             trainer.step(batch.to(ctx.device), batch_size, index)
+        synchronize(ctx.device)
         return time.perf_counter() - start
 
     run(3)  # warm-up: allocator, FBGEMM state, thread pools
@@ -103,7 +126,7 @@ def measure_one(config: Config, with_loader: bool, min_seconds: float) -> dict[s
         seconds += run(more)
         steps += more
     rows_per_s = steps * batch_size / seconds
-    limit = matmul_flops_per_s(batch_size) / train_flops_per_row(config.model)
+    limit = matmul_flops_per_s(batch_size, ctx.device) / train_flops_per_row(config.model)
     return {
         "batch_size": batch_size,
         "source": "loader" if with_loader else "memory",
@@ -113,6 +136,7 @@ def measure_one(config: Config, with_loader: bool, min_seconds: float) -> dict[s
         "compute_bound_rows_per_s": limit,
         "fraction_of_limit": rows_per_s / limit,
         "peak_rss_mib": peak_rss_mib(),
+        "peak_device_mib": peak_device_mib(ctx.device),
     }
 
 
@@ -132,8 +156,10 @@ def measure_cowclip_overhead(config: Config, min_seconds: float) -> dict[str, An
     times: dict[str, list[float]] = {mode: [] for mode in trainers}
 
     def step(mode: str, index: int) -> float:
+        synchronize(ctx.device)
         start = time.perf_counter()
         trainers[mode].step(batches[index % len(batches)].to(ctx.device), batch_size, index)
+        synchronize(ctx.device)
         return time.perf_counter() - start
 
     for index in range(3):  # warm-up

@@ -65,6 +65,19 @@ def resolve_device_and_backend(config: DistributedConfig, local_rank: int) -> tu
     return device, backend
 
 
+def cuda_index(local_rank: int, visible: int) -> int:
+    """This rank's GPU: LOCAL_RANK among the visible ones, or the only one when a scheduler
+    gives each rank a single GPU (CUDA_VISIBLE_DEVICES per rank, visible = 1)."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise CtrscaleError(
+            f"LOCAL_RANK {local_rank} but only {visible} GPUs are visible: start at most "
+            f"{visible} processes per node (torchrun --nproc_per_node)"
+        )
+    return local_rank
+
+
 def init_distributed(config: DistributedConfig, timeout_s: float = 1800.0) -> DistContext:
     """Join (or create) the default process group; idempotent within one process."""
     rank = int(os.environ.get("RANK", "0"))
@@ -72,8 +85,9 @@ def init_distributed(config: DistributedConfig, timeout_s: float = 1800.0) -> Di
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     device_type, backend = resolve_device_and_backend(config, local_rank)
-    device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
+    device = torch.device("cpu")
+    if device_type == "cuda":
+        device = torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     elif "OMP_NUM_THREADS" not in os.environ:
         # Processes sharing a host split its cores; more threads than cores makes OpenMP's
@@ -92,7 +106,13 @@ def init_distributed(config: DistributedConfig, timeout_s: float = 1800.0) -> Di
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     dist.init_process_group(
-        backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        backend=backend,
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+        # nccl: bind the communicator to this rank's GPU now, not lazily at the first
+        # collective (which may then pick the wrong device).
+        device_id=device if backend == "nccl" else None,
     )
     return DistContext(rank, world_size, local_rank, local_world_size, device, backend)
 

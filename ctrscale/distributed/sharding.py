@@ -30,45 +30,45 @@ from ctrscale.choices import ShardingChoice
 from ctrscale.distributed.context import DistContext
 from ctrscale.errors import CtrscaleError
 
-# Pooled-table sharding types TorchRec can run per device. Row-wise needs reduce-scatter,
-# which gloo lacks, so TorchRec refuses it on CPU ("No available sharding type and compute
-# kernel combination").
+# Pooled-table sharding types TorchRec can run per backend. Row-wise needs reduce-scatter,
+# which gloo lacks (on CPU, and on GPUs driven by gloo alike); TorchRec refuses it on CPU
+# ("No available sharding type and compute kernel combination").
 SHARDING_TYPES: dict[str, tuple[ShardingChoice, ...]] = {
-    "cpu": (
+    "gloo": (
         ShardingChoice.TABLE_WISE,
         ShardingChoice.COLUMN_WISE,
         ShardingChoice.TABLE_COLUMN_WISE,
         ShardingChoice.DATA_PARALLEL,
     ),
-    "cuda": tuple(choice for choice in ShardingChoice if choice != ShardingChoice.AUTO),
+    "nccl": tuple(choice for choice in ShardingChoice if choice != ShardingChoice.AUTO),
 }
 
 
-def allowed_sharding_types(device: torch.device) -> tuple[ShardingChoice, ...]:
-    return SHARDING_TYPES[device.type]
+def allowed_sharding_types(backend: str) -> tuple[ShardingChoice, ...]:
+    return SHARDING_TYPES[backend]
 
 
-def check_sharding_type(requested: ShardingChoice, device: torch.device) -> None:
-    if requested != ShardingChoice.AUTO and requested not in allowed_sharding_types(device):
-        possible = ", ".join(choice.value for choice in allowed_sharding_types(device))
+def check_sharding_type(requested: ShardingChoice, backend: str) -> None:
+    if requested != ShardingChoice.AUTO and requested not in allowed_sharding_types(backend):
+        possible = ", ".join(choice.value for choice in allowed_sharding_types(backend))
         raise CtrscaleError(
-            f"distributed.sharding_type={requested} is not available on {device.type}; "
-            f"possible: auto, {possible}"
-            + (" (row-wise needs reduce-scatter, which gloo lacks)" if device.type == "cpu" else "")
+            f"distributed.sharding_type={requested} is not available with the {backend} "
+            f"backend; possible: auto, {possible}"
+            + (" (row-wise needs reduce-scatter, which gloo lacks)" if backend == "gloo" else "")
         )
 
 
 def _table_constraints(
     ebc: EmbeddingBagCollection,
     sharding_type: ShardingChoice,
-    device: torch.device,
+    backend: str,
     column_shard_dim: int | None,
 ) -> dict[str, ParameterConstraints]:
     if sharding_type == ShardingChoice.DATA_PARALLEL:
         kinds, kernels = [ShardingType.DATA_PARALLEL.value], [EmbeddingComputeKernel.DENSE.value]
     else:
         fused_types = [
-            t.value for t in allowed_sharding_types(device) if t != ShardingChoice.DATA_PARALLEL
+            t.value for t in allowed_sharding_types(backend) if t != ShardingChoice.DATA_PARALLEL
         ]
         kinds = fused_types if sharding_type == ShardingChoice.AUTO else [sharding_type.value]
         kernels = [EmbeddingComputeKernel.FUSED.value]
@@ -94,21 +94,31 @@ def shard_model(
 
     `fused_params`: the FBGEMM arguments of fused tables (`EmbeddingUpdate.fused_params`)."""
     sharding_type = ShardingChoice(sharding_type)
-    check_sharding_type(sharding_type, ctx.device)
+    check_sharding_type(sharding_type, ctx.backend)
     if sharding_type == ShardingChoice.DATA_PARALLEL:
         fused_params = None  # no fused table
     sharders = [EmbeddingBagCollectionSharder(fused_params=fused_params)]
     planner = EmbeddingShardingPlanner(
-        topology=Topology(
-            world_size=ctx.world_size,
-            compute_device=ctx.device.type,
-            local_world_size=ctx.local_world_size,
-        ),
+        topology=topology(ctx),
         batch_size=local_batch_size,
-        constraints=_table_constraints(ebc, sharding_type, ctx.device, column_shard_dim),
+        constraints=_table_constraints(ebc, sharding_type, ctx.backend, column_shard_dim),
     )
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     return DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders)
+
+
+def topology(ctx: DistContext) -> Topology:
+    """The planner's view of the devices. On GPUs with the memory the device really has
+    (TorchRec assumes 32 GiB otherwise, and would overfill a smaller GPU or waste a larger)."""
+    hbm_cap = None
+    if ctx.device.type == "cuda":
+        hbm_cap = torch.cuda.get_device_properties(ctx.device).total_memory
+    return Topology(
+        world_size=ctx.world_size,
+        compute_device=ctx.device.type,
+        local_world_size=ctx.local_world_size,
+        hbm_cap=hbm_cap,
+    )
 
 
 # Rows initialised per seeded block: bounds the temporary memory of initialising a big table.

@@ -129,7 +129,7 @@ class Registry:
         present = {
             str(path.relative_to(directory))
             for path in directory.rglob("*")
-            if path.is_file() and path.name != MANIFEST
+            if path.is_file() and path != directory / MANIFEST
         }
         if present != set(listed):
             raise RegistryError(
