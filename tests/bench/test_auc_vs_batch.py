@@ -92,7 +92,7 @@ def test_cli_refuses_an_unknown_rule_before_doing_any_work(tmp_path, capsys):
 
 
 def test_cli_refuses_a_set_of_what_each_run_sets_itself(tmp_path, capsys):
-    assert cli.main(bench_args(tmp_path / "sweep", "--set", "data.batch_size=4096")) == 1
+    assert cli.main(bench_args(tmp_path / "sweep", "--set", "data.batch_size=4096")) == 2
     assert "--batch-sizes" in capsys.readouterr().err
 
 
@@ -100,7 +100,7 @@ def test_an_unknown_bench_key_is_an_error_naming_it(tmp_path, capsys):
     preset = tmp_path / "preset.toml"
     preset.write_text(QUICK.read_text().replace("seeds = [0]", "seed = [0]"))
     args = ["bench", "auc-vs-batch", "--config", str(preset), "--out", str(tmp_path / "sweep")]
-    assert cli.main(args) == 1
+    assert cli.main(args) == 2
     assert "bench.seed" in capsys.readouterr().err
 
 
