@@ -56,6 +56,20 @@ class DenseOptimizerName(StrEnum):
     MCLR = "mclr"
 
 
+class GradientTransform(StrEnum):
+    """A transform of the dense gradient in front of the dense optimizer.
+
+    gsnr: VRGD, each element scaled by its gradient signal-to-noise ratio over k micro-batch
+    gradients; extrapolation: EXTRAP-SGD, the gradient taken at w − γ·(the rank's local
+    gradient) and applied at w; past_extrapolation: the same with the previous step's gradient
+    (one backward per step)."""
+
+    NONE = "none"
+    GSNR = "gsnr"
+    EXTRAPOLATION = "extrapolation"
+    PAST_EXTRAPOLATION = "past_extrapolation"
+
+
 class CurvatureEstimate(StrEnum):
     """Per-layer curvature κ of CBLR/MCLR: the secant ‖Δg‖/‖Δw‖, or ‖g‖/‖w‖ (LARS's)."""
 

@@ -23,6 +23,7 @@ from ctrscale.choices import (
     DenseTransform,
     DeviceChoice,
     EmbeddingOptimizerName,
+    GradientTransform,
     IdEncoding,
     ModelName,
     RefreshHoldout,
@@ -135,6 +136,16 @@ class DenseOptimConfig(Section):
     # CBLR/MCLR's per-layer curvature: the secant ‖Δg‖/‖Δw‖ (our reading of Gao & Zhong 2020)
     # or ‖g‖/‖w‖, with which CBLR is LARS.
     curvature: CurvatureEstimate = CurvatureEstimate.SECANT
+    # A gradient transform in front of the optimizer (see GradientTransform).
+    transform: GradientTransform = GradientTransform.NONE
+    # GSNR: gradient samples per step, micro-batches of the global batch (k/N per rank, so 1
+    # and N processes compute the same); bounds of the normalised ratio — our reading of VRGD
+    # (Jiang et al. 2023), whose exact bounds were not available: one decade either side.
+    gsnr_samples: Annotated[int, Field(ge=2)] = 4
+    gsnr_bounds: tuple[NonNegativeFloat, NonNegativeFloat] = (0.1, 10.0)
+    # EXTRAP-SGD's extrapolation step γ; unset = the dense LR of the step (Lin et al. 2020 use
+    # γ = η).
+    extrapolation_gamma: NonNegativeFloat | None = None
 
 
 class CowClipConfig(Section):

@@ -3,15 +3,23 @@
 RULE is a scaling rule (`optim.schedule.rule`); `cowclip` runs with the clip on, the others
 with it off, so each name is the method it says. Each MODIFIER is a named set of config
 overrides laid over it: another dense optimizer (`+lamb`, `+novograd`, …), the official
-code's dense embedding update (`+dense`), … — `MODIFIERS` lists them all, and a new method
-needs only an entry there. E.g. `cowclip+lamb`, `none+sngm`, `cowclip+dense`.
+code's dense embedding update (`+dense`), a dense gradient transform (`+gsnr`, `+extrap`,
+`+extrap_past`), … — `MODIFIERS` lists them all, and a new method needs only an entry there.
+E.g. `cowclip+lamb`, `none+sngm`, `cowclip+dense`, `cowclip+extrap`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ctrscale.choices import ClipMode, DenseOptimizerName, ScalingRule, UpdateSemantics, names
+from ctrscale.choices import (
+    ClipMode,
+    DenseOptimizerName,
+    GradientTransform,
+    ScalingRule,
+    UpdateSemantics,
+    names,
+)
 from ctrscale.errors import CtrscaleError
 
 MODIFIERS: dict[str, tuple[str, ...]] = {
@@ -22,6 +30,9 @@ MODIFIERS: dict[str, tuple[str, ...]] = {
     },
     "adam": ('optim.dense.name="adam"',),
     "dense": (f'optim.embedding.semantics="{UpdateSemantics.DENSE}"',),
+    "gsnr": (f'optim.dense.transform="{GradientTransform.GSNR}"',),
+    "extrap": (f'optim.dense.transform="{GradientTransform.EXTRAPOLATION}"',),
+    "extrap_past": (f'optim.dense.transform="{GradientTransform.PAST_EXTRAPOLATION}"',),
 }
 
 

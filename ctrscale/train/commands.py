@@ -155,6 +155,10 @@ def print_config(config: Config) -> None:
         **hyperparameters.as_dict(),
         "steps_per_epoch": steps_per_epoch,
         "embedding": embedding,
-        "dense": {"optimizer": optim.dense.name.value, "lr": optim.dense.lr},
+        "dense": {
+            "optimizer": optim.dense.name.value,
+            "lr": optim.dense.lr,
+            "transform": optim.dense.transform.value,
+        },
     }
     print(json.dumps(described, indent=2))

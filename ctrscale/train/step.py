@@ -19,6 +19,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
+from ctrscale.choices import GradientTransform
 from ctrscale.config import Config
 from ctrscale.distributed.context import DistContext
 from ctrscale.distributed.sharding import initialize_tables, shard_model
@@ -49,12 +50,29 @@ class Trainer:
         last batch leaves ranks with unequal rows.
         """
         self.dense.zero_grad()
+        self._extrapolate(batch, step)
         logits = self.dmp(batch.dense_features, batch.sparse_features)
-        loss_sum = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="sum")
+        losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+        loss_sum = losses.sum()
+        if self.dense.gsnr is not None:
+            self.dense.gsnr_statistics(losses, self.ctx.world_size)
         (loss_sum * (self.ctx.world_size / global_rows)).backward()
         self.embedding.after_backward(global_rows)
         self.dense.step(step)
         return loss_sum.detach()
+
+    def _extrapolate(self, batch: Batch, step: int) -> None:
+        """EXTRAP-SGD: move the dense parameters to w' for the step's gradient. The local
+        variant needs this rank's own gradient at w_t first: a forward and a backward to the
+        dense parameters only (the embedding tables are neither extrapolated nor updated by
+        it, and no gradient is all-reduced)."""
+        if self.dense.transform == GradientTransform.PAST_EXTRAPOLATION:
+            self.dense.extrapolate(step)
+        elif self.dense.transform == GradientTransform.EXTRAPOLATION:
+            logits = self.dmp(batch.dense_features, batch.sparse_features)
+            local = F.binary_cross_entropy_with_logits(logits, batch.labels)
+            grads = torch.autograd.grad(local, self.dense.params, allow_unused=True)
+            self.dense.extrapolate(step, list(grads))
 
     @torch.no_grad()
     def all_finite(self) -> bool:
@@ -81,7 +99,11 @@ class Trainer:
         return {
             **self.hyperparameters.as_dict(),
             "embedding": self.embedding.describe(),
-            "dense": {"optimizer": self.dense.config.name.value, "lr": self.dense.config.lr},
+            "dense": {
+                "optimizer": self.dense.config.name.value,
+                "lr": self.dense.config.lr,
+                "transform": self.dense.transform.value,
+            },
         }
 
     def state_tensors(self, with_optimizer: bool = True) -> dict[str, Any]:

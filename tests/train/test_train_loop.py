@@ -101,8 +101,18 @@ def test_data_parallel_tables_follow_the_embedding_optimizer(tiny_dataset, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
-def test_two_processes_match_one_process(tiny_dataset, tmp_path, sharding):
+@pytest.mark.parametrize(
+    ("sharding", "transform"),
+    [
+        ("table_wise", "none"),
+        ("column_wise", "none"),
+        # Gradient transforms defined over the global batch: GSNR's k micro-batches are the
+        # same rows on any world size, the past-gradient extrapolation uses all-reduced ones.
+        ("table_wise", "gsnr"),
+        ("table_wise", "past_extrapolation"),
+    ],
+)
+def test_two_processes_match_one_process(tiny_dataset, tmp_path, sharding, transform):
     # Plain SGD everywhere: its update is linear in the gradient, so any difference between
     # the world sizes' gradients shows up unamplified (Adam/Adagrad turn rounding noise in a
     # near-zero gradient into a full ±lr step).
@@ -116,6 +126,7 @@ def test_two_processes_match_one_process(tiny_dataset, tmp_path, sharding):
             "optim.embedding.lr": 0.5,
             "optim.dense.name": "sgd",
             "optim.dense.lr": 0.05,
+            "optim.dense.transform": transform,
         },
     )
     run_ctrscale(train_args(tmp_path / "one", overrides))
@@ -208,13 +219,22 @@ def test_evaluate_and_warm_start_reuse_a_saved_model(tiny_dataset, tmp_path):
     assert metrics(tmp_path / "warm")["auc"] == pytest.approx(expected["auc"], abs=1e-6)
 
 
-def test_stop_and_resume_with_adam_embeddings_is_exact(tiny_dataset, tmp_path):
-    """Adam on CPU embeddings is ctrscale's RowAdam: its moments and step must be checkpointed
-    (sharded like the tables) for a resumed run to end bitwise like an uninterrupted one."""
-    adam = {"optim.embedding.name": "adam", "optim.embedding.lr": 0.01}
-    straight = tiny_overrides(tiny_dataset, **adam, **{"train.max_steps": 4})
+@pytest.mark.parametrize(
+    "state",
+    [
+        # Adam on CPU embeddings is the row form: its moments and step count must be
+        # checkpointed (sharded like the tables).
+        {"optim.embedding.name": "adam", "optim.embedding.lr": 0.01},
+        # The past-gradient extrapolation carries last step's gradient into the next step.
+        {"optim.dense.transform": "past_extrapolation"},
+    ],
+    ids=["adam-embeddings", "past-extrapolation"],
+)
+def test_stop_and_resume_with_optimizer_state_is_exact(tiny_dataset, tmp_path, state):
+    """A resumed run ends bitwise like an uninterrupted one."""
+    straight = tiny_overrides(tiny_dataset, **state, **{"train.max_steps": 4})
     run_ctrscale(train_args(tmp_path / "straight", straight))
-    first_half = tiny_overrides(tiny_dataset, **adam, **{"train.max_steps": 2})
+    first_half = tiny_overrides(tiny_dataset, **state, **{"train.max_steps": 2})
     run_ctrscale(train_args(tmp_path / "resumed", first_half))
     run_ctrscale([*train_args(tmp_path / "resumed", straight), "--resume"])
     expected, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
