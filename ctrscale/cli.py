@@ -208,6 +208,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also time the largest batch with CowClip off and on and report the step-time ratio",
     )
+    step.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="METHOD",
+        help="also time the largest batch with each method (a dense optimizer or transform: "
+        "lamb, lambc, novograd, sngm, cblr, mclr, gsnr, extrap, …) against Adam, alternated",
+    )
     step.add_argument("--data", default=None, help="dataset (default: a synthetic one)")
     step.add_argument(
         "--rows", type=int, default=1_000_000, help="rows to generate when --data is not given"

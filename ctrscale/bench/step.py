@@ -25,10 +25,11 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ctrscale.config import Config, ModelConfig, load_config
+from ctrscale.config import Config, ModelConfig, build_config, load_config, user_settings
+from ctrscale.errors import CtrscaleError
 
-# Alternated off/on steps after the warm-up, at least; more while under --min-seconds.
-COWCLIP_MIN_ROUNDS = 5
+# Alternated rounds of steps after the warm-up, at least; more while under --min-seconds.
+MIN_ROUNDS = 5
 
 
 CPU = torch.device("cpu")
@@ -140,47 +141,74 @@ def measure_one(config: Config, with_loader: bool, min_seconds: float) -> dict[s
     }
 
 
-def measure_cowclip_overhead(config: Config, min_seconds: float) -> dict[str, Any]:
-    """Step time of `config` with CowClip off and on: two trainers in this process on the same
-    in-memory batches, their steps alternated, the median step time of each compared.
+def measure_alternated(
+    config: Config, variants: dict[str, list[str]], min_seconds: float
+) -> dict[str, Any]:
+    """Median step time of `config` under each variant (its `--set` overrides): one trainer
+    per variant in this process on the same in-memory batches, their steps alternated and the
+    order rotated each round.
 
-    One process for both sides, because separate processes differed by up to ±5% in rows/s
-    for identical work on this machine, more than the clip itself costs.
+    One process for all sides, because separate processes differed by up to ±5% in rows/s for
+    identical work on this machine, more than the differences measured here.
     """
     trainers, batches = {}, []
-    for mode in ("off", "paper"):
-        variant = config.model_copy(deep=True)
-        variant.optim.cowclip.mode = mode
-        ctx, trainers[mode], _, batches = _trainer_and_batches(variant)
+    for name, overrides in variants.items():
+        variant = build_config(user_settings(None, overrides), base=config)
+        ctx, trainers[name], _, batches = _trainer_and_batches(variant)
     batch_size = config.data.batch_size
-    times: dict[str, list[float]] = {mode: [] for mode in trainers}
+    times: dict[str, list[float]] = {name: [] for name in trainers}
 
-    def step(mode: str, index: int) -> float:
+    def step(name: str, index: int) -> float:
         synchronize(ctx.device)
         start = time.perf_counter()
-        trainers[mode].step(batches[index % len(batches)].to(ctx.device), batch_size, index)
+        trainers[name].step(batches[index % len(batches)].to(ctx.device), batch_size, index)
         synchronize(ctx.device)
         return time.perf_counter() - start
 
     for index in range(3):  # warm-up
-        for mode in trainers:
-            step(mode, index)
-    rounds = 0
-    while rounds < COWCLIP_MIN_ROUNDS or sum(map(sum, times.values())) < 2 * min_seconds:
-        # Which side goes first alternates too, so neither always follows the other.
-        order = ("off", "paper") if rounds % 2 == 0 else ("paper", "off")
-        for mode in order:
-            times[mode].append(step(mode, 3 + rounds))
+        for name in trainers:
+            step(name, index)
+    names, rounds = list(trainers), 0
+    while rounds < MIN_ROUNDS or sum(map(sum, times.values())) < len(names) * min_seconds:
+        for name in names[rounds % len(names) :] + names[: rounds % len(names)]:
+            times[name].append(step(name, 3 + rounds))
         rounds += 1
-    off, on = statistics.median(times["off"]), statistics.median(times["paper"])
     return {
         "batch_size": batch_size,
         "rounds": rounds,
-        "step_seconds_off": off,
-        "step_seconds_on": on,
-        "cowclip_step_time_overhead": on / off - 1.0,
+        "step_seconds": {name: statistics.median(values) for name, values in times.items()},
         "peak_rss_mib": peak_rss_mib(),
     }
+
+
+def cowclip_overhead(config: Config, min_seconds: float) -> dict[str, Any]:
+    """CowClip off and on, everything else equal (rule `none`: L2 and the embedding optimizer
+    run on both sides)."""
+    rule = 'optim.schedule.rule="none"'
+    variants = {
+        "off": [rule, 'optim.cowclip.mode="off"'],
+        "on": [rule, 'optim.cowclip.mode="paper"'],
+    }
+    result = measure_alternated(config, variants, min_seconds)
+    seconds = result["step_seconds"]
+    return {**result, "cowclip_step_time_overhead": seconds["on"] / seconds["off"] - 1.0}
+
+
+def method_ratios(config: Config, methods: list[str], min_seconds: float) -> dict[str, Any]:
+    """Each method's step time over Adam's (the dense optimizer; transforms on Adam)."""
+    from ctrscale.bench.methods import MODIFIERS
+
+    unknown = [m for m in methods if m not in MODIFIERS]
+    if unknown:
+        raise CtrscaleError(
+            f"unknown method(s) {', '.join(unknown)}; known: {', '.join(MODIFIERS)}"
+        )
+    variants = {"adam": ['optim.dense.name="adam"']}
+    variants |= {m: ['optim.dense.name="adam"', *MODIFIERS[m]] for m in methods}
+    result = measure_alternated(config, variants, min_seconds)
+    seconds = result["step_seconds"]
+    ratios = {m: seconds[m] / seconds["adam"] for m in methods}
+    return {**result, "step_time_over_adam": ratios}
 
 
 def _synthetic_dataset(directory: Path, rows: int) -> Path:
@@ -194,7 +222,9 @@ def run_cli(args) -> int:
     if args.one is not None:  # child process: one batch size
         config = load_config(args.config, [*args.overrides, f"data.batch_size={args.one}"])
         if args.cowclip_overhead:
-            print(json.dumps(measure_cowclip_overhead(config, args.min_seconds)))
+            print(json.dumps(cowclip_overhead(config, args.min_seconds)))
+        elif args.methods:
+            print(json.dumps(method_ratios(config, args.methods, args.min_seconds)))
         else:
             print(json.dumps(measure_one(config, args.with_loader, args.min_seconds)))
         return 0
@@ -206,19 +236,22 @@ def run_cli(args) -> int:
             for with_loader in (False, True) if args.with_loader else (False,):
                 results.append(_run_child(args, base, batch_size, with_loader))
                 _print_row(results[-1])
+        largest = max(args.batch_sizes)
         if args.cowclip_overhead:
-            # Rule `none`: only the clip differs between the two sides (L2 and the embedding
-            # optimizer run in both).
-            rule = ['optim.schedule.rule="none"']
-            overhead = _run_child(args, [*base, *rule], max(args.batch_sizes), cowclip=True)
+            overhead = _run_child(args, base, largest, extra=["--cowclip-overhead"])
             results.append(overhead)
+            seconds = overhead["step_seconds"]
             print(
-                f"batch {overhead['batch_size']:>7} CowClip off/on: "
-                f"{overhead['step_seconds_off']:.3f} / {overhead['step_seconds_on']:.3f} s per "
-                f"step (median of {overhead['rounds']} alternated steps each): "
+                f"batch {largest:>7} CowClip off/on: {seconds['off']:.3f} / {seconds['on']:.3f} "
+                f"s per step (median of {overhead['rounds']} alternated steps each): "
                 f"{overhead['cowclip_step_time_overhead']:+.1%}",
                 flush=True,
             )
+        if args.methods:
+            ratios = _run_child(args, base, largest, extra=["--methods", *args.methods])
+            results.append(ratios)
+            for method, ratio in ratios["step_time_over_adam"].items():
+                print(f"batch {largest:>7} {method:>12}: {ratio:.2f}× Adam's step time", flush=True)
     summary = _summary(results)
     print(json.dumps(summary, indent=2))
     if args.out:
@@ -227,7 +260,7 @@ def run_cli(args) -> int:
 
 
 def _run_child(
-    args, base: list[str], batch_size: int, with_loader: bool = False, cowclip: bool = False
+    args, base: list[str], batch_size: int, with_loader: bool = False, extra: list[str] = ()
 ) -> dict[str, Any]:
     command = [sys.executable, "-m", "ctrscale", "bench", "step", "--one", str(batch_size)]
     command += ["--min-seconds", str(args.min_seconds)]
@@ -235,7 +268,7 @@ def _run_child(
     for override in [*base, *args.overrides]:
         command += ["--set", override]
     command += ["--with-loader"] if with_loader else []
-    command += ["--cowclip-overhead"] if cowclip else []
+    command += list(extra)
     from ctrscale.distributed.context import child_environment
 
     env = child_environment()
@@ -269,6 +302,7 @@ def _summary(results: list[dict[str, Any]]) -> dict[str, Any]:
             b: loader[b]["rows_per_s"] / memory[b]["rows_per_s"] for b in loader
         }
     for r in results:
-        if "cowclip_step_time_overhead" in r:
-            summary["cowclip_step_time_overhead"] = r["cowclip_step_time_overhead"]
+        for key in ("cowclip_step_time_overhead", "step_time_over_adam"):
+            if key in r:
+                summary[key] = r[key]
     return summary

@@ -15,10 +15,11 @@ SMALL = ["model.dnn=[32]", "model.embedding_dim=8", "data.shuffle_buffer_rows=40
 
 
 @pytest.mark.slow
-def test_bench_step_reports_every_batch_size_source_and_the_cowclip_overhead(tmp_path):
+def test_bench_step_reports_every_batch_size_source_the_cowclip_overhead_and_methods(tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "step", "--batch-sizes", "256", "1024", "--with-loader"]
-    args += ["--cowclip-overhead", "--rows", "20000", "--min-seconds", "0.3", "--out", str(out)]
+    args += ["--cowclip-overhead", "--methods", "lamb", "gsnr"]
+    args += ["--rows", "20000", "--min-seconds", "0.3", "--out", str(out)]
     for override in SMALL:
         args += ["--set", override]
     done = run_ctrscale(args)
@@ -44,9 +45,16 @@ def test_bench_step_reports_every_batch_size_source_and_the_cowclip_overhead(tmp
 
     (overhead,) = [run for run in report["runs"] if "cowclip_step_time_overhead" in run]
     assert overhead["batch_size"] == 1024 and overhead["rounds"] >= 5
-    ratio = overhead["step_seconds_on"] / overhead["step_seconds_off"]
+    ratio = overhead["step_seconds"]["on"] / overhead["step_seconds"]["off"]
     assert math.isclose(report["cowclip_step_time_overhead"], ratio - 1.0)
     assert "CowClip off/on" in done.stdout and "rows/s" in done.stdout
+    (methods,) = [run for run in report["runs"] if "step_time_over_adam" in run]
+    seconds = methods["step_seconds"]
+    assert set(seconds) == {"adam", "lamb", "gsnr"}
+    assert report["step_time_over_adam"] == pytest.approx(
+        {m: seconds[m] / seconds["adam"] for m in ("lamb", "gsnr")}
+    )
+    assert "× Adam's step time" in done.stdout
 
 
 def test_flops_per_row_count_every_matrix_product_of_the_model():
