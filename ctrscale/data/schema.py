@@ -6,18 +6,22 @@ label, I1..I13 (integer counts), C1..C26 (32-bit ids as 8 hex chars); empty = mi
 Prepared/synthetic Parquet: `label` int8 in {0,1}, `I1..I13` float32 (already transformed),
 `C1..C26` int64 ids in [0, table_size). A dataset directory holds `day=N/part-*.parquet` and a
 `metadata.json` whose `table_sizes` the loader validates ids against and the model sizes its
-tables from.
+tables from. `validate_table_sizes` is the one check of table sizes, wherever they come from.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+
+from ctrscale.errors import DataError
 
 LABEL = "label"
 DENSE_FEATURES: tuple[str, ...] = tuple(f"I{i}" for i in range(1, 14))
@@ -46,12 +50,48 @@ PARQUET_SCHEMA = pa.schema(
     + [pa.field(name, pa.int64(), nullable=False) for name in SPARSE_FEATURES]
 )
 
+_FEATURE_RANGE = f"{SPARSE_FEATURES[0]}..{SPARSE_FEATURES[-1]}"
+
 METADATA_FILE = "metadata.json"
 METADATA_VERSION = 1
 
 
+def validate_table_sizes(sizes: object, source: str) -> dict[str, int]:
+    """`sizes` as {C1: size, …, C26: size} in feature order, or a `DataError` naming `source`
+    (a metadata.json path, or the argument the sizes were passed as) and every bad entry."""
+    expected = f"expected a positive integer size for each of {_FEATURE_RANGE} and nothing else"
+    if sizes is None:
+        raise DataError(f"{source}: no table_sizes; {expected}")
+    if not isinstance(sizes, Mapping):
+        raise DataError(f"{source}: table_sizes is a {type(sizes).__name__}; {expected}")
+    missing = [name for name in SPARSE_FEATURES if name not in sizes]
+    unknown = sorted(str(name) for name in sizes if name not in SPARSE_FEATURES)
+    invalid = [
+        f"{name}={sizes[name]!r}"
+        for name in SPARSE_FEATURES
+        if name in sizes and not _is_positive_integer(sizes[name])
+    ]
+    problems = [
+        f"{label} {', '.join(names)}"
+        for label, names in (
+            ("no size for", missing),
+            ("unknown features", unknown),
+            ("invalid sizes", invalid),
+        )
+        if names
+    ]
+    if problems:
+        raise DataError(f"{source}: table_sizes has {'; '.join(problems)}; {expected}")
+    return {name: int(sizes[name]) for name in SPARSE_FEATURES}
+
+
+def _is_positive_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
 def read_metadata(dataset_dir: str | Path) -> dict[str, Any]:
-    """The dataset's metadata.json; a clear error when it is missing or lacks table sizes."""
+    """The dataset's metadata.json, its `table_sizes` validated (a `DataError` if not) and in
+    feature order; a clear error when the file is missing or not JSON."""
     path = Path(dataset_dir) / METADATA_FILE
     try:
         meta = json.loads(path.read_text())
@@ -62,9 +102,7 @@ def read_metadata(dataset_dir: str | Path) -> dict[str, Any]:
         ) from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    sizes = meta.get("table_sizes")
-    if not isinstance(sizes, dict) or set(sizes) != set(SPARSE_FEATURES):
-        raise ValueError(f"{path}: 'table_sizes' must give a size for each of C1..C26")
+    meta["table_sizes"] = validate_table_sizes(meta.get("table_sizes"), str(path))
     return meta
 
 

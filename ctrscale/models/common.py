@@ -25,7 +25,7 @@ from torchrec.modules.embedding_modules import get_embedding_names_by_table
 from torchrec.modules.mlp import MLP
 
 from ctrscale.config import ModelConfig
-from ctrscale.errors import CtrscaleError
+from ctrscale.data.schema import validate_table_sizes
 
 WIDE_SUFFIX = "_wide"
 # The smallest embedding dim FBGEMM's kernels accept; only column 0 carries the weight.
@@ -50,23 +50,6 @@ class CTRModel(nn.Module):
         raise NotImplementedError
 
 
-def check_table_sizes(table_sizes: Mapping[str, int], features: Sequence[str]) -> None:
-    """A clear error naming the features whose table size is missing or not positive."""
-    missing = [name for name in features if name not in table_sizes]
-    if missing:
-        raise CtrscaleError(
-            f"table_sizes has no size for sparse feature(s) {', '.join(missing)}; the dataset's "
-            "metadata.json must give one for each of "
-            f"{features[0]}..{features[-1]}"
-        )
-    invalid = [name for name in features if int(table_sizes[name]) <= 0]
-    if invalid:
-        raise CtrscaleError(
-            "table_sizes must be positive; got "
-            + ", ".join(f"{name}={table_sizes[name]}" for name in invalid)
-        )
-
-
 def embedding_tables(
     config: ModelConfig,
     table_sizes: Mapping[str, int],
@@ -80,7 +63,7 @@ def embedding_tables(
     Field embeddings start at Normal(0, init_std) (CowClip paper: init std 1e-2); first-order
     weights start at zero, as DeepCTR's `get_linear_logit` (which the CowClip code uses) does.
     """
-    check_table_sizes(table_sizes, features)
+    validate_table_sizes(table_sizes, "model")
     tables = [
         EmbeddingBagConfig(
             name=name,

@@ -24,6 +24,7 @@ from ctrscale.data.loader import (
     ParquetBatchLoader,
     resolve_parquet_files,
 )
+from ctrscale.data.loader.decode import WindowDecoder
 from ctrscale.errors import CtrscaleError, DataError
 
 TABLE_SIZES = {name: 5 + i for i, name in enumerate(schema.SPARSE_FEATURES)}
@@ -222,7 +223,7 @@ def test_num_batches_comes_from_parquet_metadata_alone(dataset: Path, monkeypatc
     def no_reads(*args, **kwargs):
         raise AssertionError("num_batches() must not decode row groups")
 
-    monkeypatch.setattr(ParquetBatchLoader, "_read_window_into", no_reads)
+    monkeypatch.setattr(WindowDecoder, "decode", no_reads)
     assert ld.num_batches() == -(-ld.num_rows // 8) and 60 < ld.num_rows < 101
 
 
@@ -252,11 +253,11 @@ def test_resume_from_a_cursor_yields_the_remaining_batches(dataset: Path, monkey
     del iterator
 
     reads: list[int] = []
-    original = ParquetBatchLoader._read_window_into
+    original = WindowDecoder.decode
     monkeypatch.setattr(
-        ParquetBatchLoader,
-        "_read_window_into",
-        lambda self, window, *a: reads.append(window.rows) or original(self, window, *a),
+        WindowDecoder,
+        "decode",
+        lambda self, window: reads.append(window.rows) or original(self, window),
     )
     resumed = loader(dataset, 8, seed=99)
     resumed.load_state_dict(state)

@@ -16,7 +16,7 @@ import pytest
 
 from ctrscale.cli import main
 from ctrscale.data import prepare, schema
-from ctrscale.data.prepare import prepare_files
+from ctrscale.data.prepare import parse, prepare_files, writer
 from ctrscale.errors import CtrscaleError, DataError
 
 DEFAULT_SIZES = {
@@ -250,7 +250,7 @@ def test_chunk_boundaries_keep_rows_and_line_numbers(
 ) -> None:
     lines = [*good_lines[:2], "x", *good_lines[2:44], "y", *good_lines[44:]]
     source = write_lines(tmp_path / "in.tsv", lines)
-    monkeypatch.setattr(prepare, "CHUNK_BYTES", 1000)  # a few lines per chunk, lines cut in two
+    monkeypatch.setattr(parse, "CHUNK_BYTES", 1000)  # a few lines per chunk, lines cut in two
 
     prepare_files([source], tmp_path / "ds", max_reject_fraction=0.1)
 
@@ -262,8 +262,8 @@ def test_chunk_boundaries_keep_rows_and_line_numbers(
 def test_row_groups_and_files_have_the_requested_sizes(
     good_lines: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(prepare, "ROW_GROUPS_PER_FILE", 3)
-    monkeypatch.setattr(prepare, "CHUNK_BYTES", 2000)
+    monkeypatch.setattr(writer, "ROW_GROUPS_PER_FILE", 3)
+    monkeypatch.setattr(parse, "CHUNK_BYTES", 2000)
     source = write_lines(tmp_path / "in.tsv", good_lines)
 
     prepare_files([source], tmp_path / "ds", row_group_rows=7)
@@ -285,8 +285,8 @@ def test_row_groups_and_files_have_the_requested_sizes(
 def test_overlong_line_and_empty_input_fail_clearly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(prepare, "MAX_LINE_BYTES", 100)
-    monkeypatch.setattr(prepare, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(parse, "MAX_LINE_BYTES", 100)
+    monkeypatch.setattr(parse, "CHUNK_BYTES", 64)
     with pytest.raises(DataError, match="longer than 100 bytes"):
         prepare_files([write_lines(tmp_path / "long.tsv", ["1" * 300])], tmp_path / "a")
     empty = tmp_path / "empty.tsv"
@@ -341,7 +341,7 @@ def test_crash_before_publish_leaves_no_partition(
     def crash(*_args: object) -> None:
         raise OSError("disk gone")
 
-    monkeypatch.setattr(prepare, "_publish", crash)
+    monkeypatch.setattr(writer, "publish_dir", crash)
     with pytest.raises(OSError, match="disk gone"):
         prepare_files([write_lines(tmp_path / "in.tsv", good_lines)], tmp_path / "ds")
     assert [p.name for p in (tmp_path / "ds").iterdir() if not p.name.startswith(".prepare")] == [

@@ -14,6 +14,9 @@ import pytest
 
 from ctrscale import cli, metrics
 from ctrscale.data import schema, synth
+from ctrscale.data.synth import days as synth_days
+from ctrscale.data.synth.rows import CHUNK_ROWS
+from ctrscale.data.synth.teacher import PROBABILITY_GRID
 from ctrscale.errors import CtrscaleError
 
 ROWS = 150_000  # two chunks, the second partial
@@ -36,12 +39,14 @@ def files_of(out: Path) -> dict[str, bytes]:
 
 
 def test_layout_and_schema(two_days: Path) -> None:
-    expected = schema.PARQUET_SCHEMA.append(synth.PARQUET_SCHEMA.field(schema.TRUE_PROBABILITY))
+    expected = schema.PARQUET_SCHEMA.append(
+        synth_days.PARQUET_SCHEMA.field(schema.TRUE_PROBABILITY)
+    )
     part = two_days / "day=0" / "part-00000.parquet"
     assert pq.read_schema(part).equals(expected)
     assert pq.read_schema(part).field("p_true").type == "float"
     row_groups = [pq.ParquetFile(part).metadata.row_group(i).num_rows for i in range(2)]
-    assert row_groups == [synth.CHUNK_ROWS, ROWS - synth.CHUNK_ROWS]
+    assert row_groups == [CHUNK_ROWS, ROWS - CHUNK_ROWS]
     assert (two_days / "day=1" / "part-00000.parquet").exists()
     meta = schema.read_metadata(two_days)
     assert meta["version"] == 1 and meta["generator"] == "ctrscale.synth"
@@ -87,9 +92,9 @@ def test_base_ctr_and_calibration(two_days: Path) -> None:
 
 
 def test_p_true_lies_on_its_grid(two_days: Path) -> None:
-    grid = read_day(two_days, 1)["p_true"].astype(np.float64) * synth.PROBABILITY_GRID
+    grid = read_day(two_days, 1)["p_true"].astype(np.float64) * PROBABILITY_GRID
     np.testing.assert_array_equal(grid, np.rint(grid))
-    assert grid.min() >= 1 and grid.max() <= synth.PROBABILITY_GRID - 1
+    assert grid.min() >= 1 and grid.max() <= PROBABILITY_GRID - 1
 
 
 def test_frequencies_are_skewed_with_a_long_tail(two_days: Path) -> None:
@@ -166,7 +171,7 @@ def test_adding_days_with_another_seed_is_refused(tmp_path: Path) -> None:
 
 
 def test_regenerating_a_day_replaces_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(synth, "ROW_GROUPS_PER_FILE", 1)
+    monkeypatch.setattr(synth_days, "ROW_GROUPS_PER_FILE", 1)
     synth.generate(tmp_path, 140_000, seed=1, days=2)
     assert len(list((tmp_path / "day=1").iterdir())) == 2
     meta = synth.generate(tmp_path, 1_000, seed=1, first_day=1)
@@ -198,7 +203,7 @@ def test_tsv_is_raw_criteo_and_round_trips_to_the_parquet_rows(tmp_path: Path) -
                 assert parquet[name][row] == 0
             else:
                 assert len(field) == 8 and field == field.lower()
-                assert synth.decode_hex_id(name, field) == parquet[name][row]
+                assert synth_days.decode_hex_id(name, field) == parquet[name][row]
     assert empty_fields > 0
     i2 = [int(line.split("\t")[2]) for line in lines[:-1]]
     assert min(i2) == -1  # I2 is the count that can be negative, as in Criteo
@@ -206,9 +211,11 @@ def test_tsv_is_raw_criteo_and_round_trips_to_the_parquet_rows(tmp_path: Path) -
 
 def test_hex_scramble_keeps_distinct_ids_distinct() -> None:
     ids = np.arange(1, 200_001, dtype=np.int64)
-    hex_values = synth._hex_column("C3", ids).to_pylist()
+    hex_values = synth_days._hex_column("C3", ids).to_pylist()
     assert len(set(hex_values)) == ids.size
-    assert [synth.decode_hex_id("C3", value) for value in hex_values[:100]] == list(range(1, 101))
+    assert [synth_days.decode_hex_id("C3", value) for value in hex_values[:100]] == list(
+        range(1, 101)
+    )
 
 
 def test_cli_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

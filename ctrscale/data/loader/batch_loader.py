@@ -1,0 +1,289 @@
+"""`ParquetBatchLoader`: Parquet row groups → TorchRec `Batch`es of exactly `batch_size` rows.
+
+It owns the public API and what ties the parts together: the arguments and `[data]` config,
+slicing global batches across ranks, and the resumable cursor. The parts are its siblings:
+files and row groups (`dataset.py`), the holdout split (`holdout.py`), the epoch's order and
+shuffle buffer (`shuffle.py`), decoding (`decode.py`), batch arrays (`batches.py`), checks
+(`validation.py`) and the prefetch thread (`prefetch.py`).
+
+The row order of an epoch is a pure function of (seed, epoch, Parquet row counts):
+
+1. the row groups are permuted with a generator seeded by (seed, epoch);
+2. consecutive row groups are grouped into windows of about `shuffle_buffer_rows` rows;
+3. the rows a window keeps (after the holdout split) are permuted with a generator seeded by
+   (seed, epoch, window index);
+4. the concatenation of the windows is cut into global batches of `batch_size` rows, and rank
+   r of N takes rows [r·B/N, (r+1)·B/N) of every global batch.
+
+Because of that, `num_batches()` needs only Parquet footers (and the holdout hash), and a
+cursor (epoch, batches done) is resumed by reading only the window that contains it. Every
+rank reads the whole stream but converts only its own slice to tensors: with N ranks the
+dataset is decoded N times in total (once per rank), the price of each rank seeing the same
+global order without communication.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Generator, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from torchrec.datasets.utils import Batch
+
+from ctrscale.config import DataConfig
+from ctrscale.data import schema
+from ctrscale.data.loader.batches import KjtLayout
+from ctrscale.data.loader.dataset import (
+    open_files,
+    resolve_parquet_files,
+    row_groups,
+    table_sizes_from_metadata,
+)
+from ctrscale.data.loader.decode import WindowDecoder
+from ctrscale.data.loader.holdout import HoldoutSplit, Split
+from ctrscale.data.loader.prefetch import prefetched
+from ctrscale.data.loader.shuffle import EpochOrder, WindowReader
+from ctrscale.data.loader.validation import Validator, check_arguments
+from ctrscale.errors import CtrscaleError
+
+
+class ParquetBatchLoader:
+    """One epoch of TorchRec `Batch`es per iteration; see the module docstring for the order.
+
+    `batch_size` is the global batch; this rank yields `batch_size // world_size` rows per
+    batch (the final partial batch, kept with `drop_last=False`, is split as evenly as
+    possible, so a rank may get an empty batch). Every rank yields `num_batches()` batches.
+
+    The loader is a cursor over (epoch, batches done): iterating yields the rest of the
+    current epoch and then moves to the start of the next one; `set_epoch` and
+    `load_state_dict` move it. One iteration at a time.
+    """
+
+    def __init__(
+        self,
+        paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        table_sizes: dict[str, int] | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        shuffle_buffer_rows: int = 1_048_576,
+        drop_last: bool = True,
+        prefetch_batches: int = 2,
+        split: Split | None = None,
+        holdout_fraction: float = 0.0,
+        holdout_seed: int = 0,
+        extra_columns: Sequence[str] = (),
+    ) -> None:
+        check_arguments(
+            batch_size, rank, world_size, shuffle_buffer_rows, prefetch_batches, split,
+            holdout_fraction,
+        )  # fmt: skip
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.shuffle_buffer_rows = shuffle_buffer_rows
+        self.drop_last = drop_last
+        self.prefetch_batches = prefetch_batches
+        self.split = split
+        self.holdout_fraction = holdout_fraction
+        self.holdout_seed = holdout_seed
+        self.extra_columns = tuple(dict.fromkeys(extra_columns))
+
+        self._files = open_files(resolve_parquet_files(paths), self.extra_columns)
+        self._row_groups = row_groups(self._files)
+        self.table_sizes = (
+            schema.validate_table_sizes(table_sizes, "ParquetBatchLoader(table_sizes=...)")
+            if table_sizes is not None
+            else table_sizes_from_metadata(self._files)
+        )
+        arrow_schema = self._files[0].metadata.schema.to_arrow_schema()
+        self._extra_dtypes = {
+            name: np.dtype(arrow_schema.field(name).type.to_pandas_dtype())
+            for name in self.extra_columns
+        }
+        self._holdout = HoldoutSplit(self._files, split, holdout_fraction, holdout_seed)
+        self._kept_counts: np.ndarray | None = None
+        self._decoder = WindowDecoder(
+            self._files,
+            self._row_groups,
+            self._extra_dtypes,
+            Validator(self.table_sizes),
+            self._holdout.kept_mask,
+        )
+        self._kjt_layout = KjtLayout(self.local_batch_size)
+        self._active: weakref.ref[Generator[Batch, None, None]] | None = None
+        self._epoch = 0
+        self._batches_done = 0
+
+    @classmethod
+    def from_config(
+        cls,
+        data_cfg: DataConfig,
+        split: Literal["train", "eval"],
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        seed: int,
+        batch_size: int | None = None,
+        extra_columns: Sequence[str] = (),
+    ) -> ParquetBatchLoader:
+        """The train or eval loader a `[data]` config describes.
+
+        Eval data is `data.eval` if given, else the `holdout_fraction` of `data.train` that the
+        train loader leaves out. Eval never shuffles and keeps the last partial batch, so every
+        eval row is seen exactly once.
+        """
+        if not data_cfg.train and (split == "train" or not data_cfg.eval):
+            raise CtrscaleError("data.train is empty: give the training Parquet files")
+        common: dict[str, Any] = dict(
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            shuffle_buffer_rows=data_cfg.shuffle_buffer_rows,
+            prefetch_batches=data_cfg.prefetch_batches,
+            holdout_fraction=data_cfg.holdout_fraction,
+            holdout_seed=data_cfg.holdout_seed,
+            extra_columns=extra_columns,
+        )
+        holds_out = not data_cfg.eval and data_cfg.holdout_fraction > 0
+        if split == "train":
+            return cls(
+                data_cfg.train,
+                batch_size or data_cfg.batch_size,
+                shuffle=data_cfg.shuffle,
+                drop_last=data_cfg.drop_last,
+                split="train" if holds_out else None,
+                **common,
+            )
+        if split != "eval":
+            raise CtrscaleError(f"split={split!r}: expected 'train' or 'eval'")
+        if not data_cfg.eval and not holds_out:
+            raise CtrscaleError(
+                "no eval data: set data.eval, or data.holdout_fraction > 0 to hold out part of "
+                "data.train"
+            )
+        return cls(
+            data_cfg.eval or data_cfg.train,
+            batch_size or data_cfg.eval_batch_size,
+            shuffle=False,
+            drop_last=False,
+            split="holdout" if holds_out else None,
+            **common,
+        )
+
+    # -- sizes -----------------------------------------------------------------------------
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.batch_size // self.world_size
+
+    @property
+    def files(self) -> list[Path]:
+        return [f.path for f in self._files]
+
+    def has_column(self, name: str) -> bool:
+        """Whether every file has the column (e.g. `p_true`, which only synthetic data has)."""
+        return all(name in f.metadata.schema.names for f in self._files)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of this split over all ranks (the holdout hash runs once, then is cached)."""
+        return int(self._kept_row_counts().sum())
+
+    def num_batches(self) -> int:
+        """Batches per epoch, the same on every rank."""
+        full, remainder = divmod(self.num_rows, self.batch_size)
+        return full + (1 if remainder and not self.drop_last else 0)
+
+    def __len__(self) -> int:
+        return self.num_batches()
+
+    # -- cursor ----------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Position the cursor at the start of `epoch`."""
+        if epoch < 0:
+            raise CtrscaleError(f"epoch={epoch}: must be >= 0")
+        self._epoch, self._batches_done = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self._epoch,
+            "batches_done": self._batches_done,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at a cursor; the seed comes with it so the order is the checkpointed one."""
+        if state.get("batch_size", self.batch_size) != self.batch_size:
+            raise CtrscaleError(
+                f"the loader state was saved with batch_size={state['batch_size']}, this loader "
+                f"has {self.batch_size}: the batches done would not mean the same rows"
+            )
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if epoch < 0 or not 0 <= done <= self.num_batches():
+            raise CtrscaleError(
+                f"loader state epoch={epoch}, batches_done={done}: outside this dataset's "
+                f"{self.num_batches()} batches per epoch"
+            )
+        self.seed = int(state["seed"])
+        self._epoch, self._batches_done = epoch, done
+
+    # -- iteration -------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Batch]:
+        # The decode buffers are shared, so a new iteration ends the previous one.
+        previous = self._active() if self._active is not None else None
+        if previous is not None:
+            previous.close()
+        iteration = self._iterate(self._epoch, self._batches_done)
+        # A weak reference, so that an abandoned iteration is still collected (and its thread
+        # stopped) as soon as the caller drops it.
+        self._active = weakref.ref(iteration)
+        return iteration
+
+    def _iterate(self, epoch: int, first: int) -> Generator[Batch, None, None]:
+        batches = self._batches(epoch, first)
+        if self.prefetch_batches:
+            batches = prefetched(batches, self.prefetch_batches)
+        try:
+            for batch in batches:
+                self._batches_done += 1
+                yield batch
+        finally:
+            batches.close()
+        self._epoch, self._batches_done = epoch + 1, 0
+
+    def _batches(self, epoch: int, first: int) -> Iterator[Batch]:
+        """This rank's slices of global batches `first`, `first + 1`, … of `epoch`."""
+        order = EpochOrder(self.seed, epoch, self.shuffle, self.shuffle_buffer_rows)
+        windows = order.windows(self._row_groups, self._kept_row_counts())
+        reader = WindowReader(order, windows, self._decoder.decode, self._extra_dtypes)
+        total = self.num_rows
+        for index in range(first, self.num_batches()):
+            start = index * self.batch_size
+            size = min(self.batch_size, total - start)
+            lo = start + self.rank * size // self.world_size
+            hi = start + (self.rank + 1) * size // self.world_size
+            yield reader.rows(lo, hi).to_batch(self._kjt_layout)
+
+    def _kept_row_counts(self) -> np.ndarray:
+        """Rows this split keeps of each row group, hashed once and then cached."""
+        if self._kept_counts is None:
+            self._kept_counts = self._holdout.kept_counts(self._row_groups)
+        return self._kept_counts
