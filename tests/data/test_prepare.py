@@ -135,7 +135,7 @@ def test_cli_prepares_the_sample_and_reports_bad_data(
     assert (out / "day=3" / "part-00000.parquet").exists()
 
     bad = write_lines(tmp_path / "bad.tsv", ["2\t1"])
-    assert main(["prepare", str(bad), "--out", str(out), "--day", "4"]) == 1
+    assert main(["prepare", str(bad), "--out", str(out), "--day", "4"]) == 2  # bad input
     err = capsys.readouterr().err
     assert "bad.tsv: 1 of 1 rows rejected" in err and "first bad line 1: bad_label" in err
 

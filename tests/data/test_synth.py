@@ -238,7 +238,7 @@ def test_cli_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_cli_rejects_bad_arguments(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
 ) -> None:
-    assert cli.main(["synth", "--out", str(tmp_path), *flags]) == 1
+    assert cli.main(["synth", "--out", str(tmp_path), *flags]) == 2  # bad input
     assert message in capsys.readouterr().err
 
 
