@@ -201,6 +201,10 @@ class TrainConfig(Section):
     # start fresh. The daily refresh warm-starts from the published model this way.
     warm_start: str | None = None
     warm_start_optimizer: bool = True
+    # Evaluation by id frequency (ctrscale/train/frequency.py): lower edges of the buckets of
+    # an eval row's rarest id, counted in the training split; [] = off. 5 and 100 follow the
+    # rare/frequent split of the CTR frequency literature (and issue #11).
+    frequency_buckets: list[PositiveInt] = Field(default_factory=lambda: [5, 100])
 
 
 class DistributedConfig(Section):

@@ -39,6 +39,7 @@ from ctrscale.train.evaluate import evaluate
 from ctrscale.train.loop import (
     CONFIG_TOML,
     check_ids_fit,
+    id_frequency,
     make_loaders,
     step_budget,
     train,
@@ -60,12 +61,13 @@ def evaluate_checkpoint(settings: UserSettings, source: str | Path) -> dict[str,
             f"the checkpoint, so leave these out: {'; '.join(changed)}"
         )
     ctx = init_distributed(config.distributed)
-    _, eval_loader = make_loaders(config, ctx)
+    train_loader, eval_loader = make_loaders(config, ctx)
     table_sizes = json.loads((path / STATE_FILE).read_text())["table_sizes"]
     check_ids_fit(eval_loader, table_sizes, "the checkpoint's model")
     trainer = build_trainer(config, ctx, table_sizes, steps_per_epoch=1, total_steps=1)
     state = load_into(trainer, path, with_optimizer=False)
-    result = evaluate(trainer.dmp, eval_loader, ctx.device)
+    frequency = id_frequency(config, train_loader, ctx)
+    result = evaluate(trainer.dmp, eval_loader, ctx.device, frequency)
     return {"checkpoint": str(path), "step": state["step"], **result.as_dict()}
 
 

@@ -3,12 +3,14 @@
 TorchRec's AUC metric is windowed and not tie-aware, so evaluation here collects every
 prediction of every rank and computes the exact, tie-aware AUC and the LogLoss once. For
 synthetic data, the teacher's true probabilities of the same rows give the Bayes-optimal AUC.
+With an `IdFrequency`, the same metrics per bucket of each row's rarest id (frequency.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,23 +20,50 @@ from torch import nn
 from ctrscale.data.schema import TRUE_PROBABILITY
 from ctrscale.errors import TrainingDiverged
 from ctrscale.metrics import exact_auc, logloss, logloss_from_logits
+from ctrscale.train.frequency import IdFrequency
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    auc: float
+    auc: float | None  # None: one class only (possible in a small frequency bucket)
     logloss: float
     rows: int
     positives: int
     bayes_auc: float | None = None
     bayes_logloss: float | None = None
+    buckets: dict[str, EvalResult] | None = None  # by rarest-id frequency bucket
 
     @property
     def bayes_auc_gap(self) -> float | None:
-        return None if self.bayes_auc is None else self.bayes_auc - self.auc
+        if self.bayes_auc is None or self.auc is None:
+            return None
+        return self.bayes_auc - self.auc
 
-    def as_dict(self) -> dict[str, float | int | None]:
-        return {**asdict(self), "bayes_auc_gap": self.bayes_auc_gap}
+    def as_dict(self) -> dict[str, Any]:
+        result = {**asdict(self), "bayes_auc_gap": self.bayes_auc_gap}
+        result.pop("buckets")
+        if self.buckets is not None:
+            result["buckets"] = {label: b.as_dict() for label, b in self.buckets.items()}
+        return result
+
+
+def scores(
+    logits: np.ndarray, labels: np.ndarray, truth: np.ndarray | None
+) -> dict[str, float | int | None]:
+    """AUC, LogLoss, rows, positives (and the Bayes-optimal ones from the true
+    probabilities) of one set of rows."""
+    positives = int(labels.sum())
+    both_classes = 0 < positives < labels.size
+    result: dict[str, float | int | None] = {
+        "auc": exact_auc(logits, labels) if both_classes else None,
+        "logloss": logloss_from_logits(logits, labels),
+        "rows": int(labels.size),
+        "positives": positives,
+    }
+    if truth is not None:
+        result["bayes_auc"] = exact_auc(truth, labels) if both_classes else None
+        result["bayes_logloss"] = logloss(truth, labels)
+    return result
 
 
 def gather_to_all(local: torch.Tensor) -> torch.Tensor:
@@ -54,12 +83,20 @@ def gather_to_all(local: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device) -> EvalResult:
-    """Predict every batch of `batches` (this rank's slices) and score the gathered whole."""
+def evaluate(
+    model: nn.Module,
+    batches: Iterable,
+    device: torch.device,
+    frequency: IdFrequency | None = None,
+) -> EvalResult:
+    """Predict every batch of `batches` (this rank's slices) and score the gathered whole, and
+    each frequency bucket's rows."""
     was_training = model.training
     model.eval()
-    logits, labels, true_probs = [], [], []
+    logits, labels, true_probs, buckets = [], [], [], []
     for batch in batches:
+        if frequency is not None:
+            buckets.append(frequency.buckets(batch.sparse_features).to(device))
         batch = batch.to(device)
         logits.append(model(batch.dense_features, batch.sparse_features).float().flatten())
         labels.append(batch.labels.float().flatten())
@@ -78,20 +115,20 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device) -> EvalR
             f"{int((~np.isfinite(all_logits)).sum()):,} of {all_logits.size:,} predictions are "
             "not finite: the model diverged (lower the learning rates)"
         )
-    result = {
-        "auc": exact_auc(all_logits, all_labels),
-        "logloss": logloss_from_logits(all_logits, all_labels),
-        "rows": int(all_labels.size),
-        "positives": int(all_labels.sum()),
-    }
     has_truth = torch.tensor([float(bool(true_probs))], device=device)
     if dist.is_initialized():
         dist.all_reduce(has_truth, op=dist.ReduceOp.MIN)
-    if has_truth.item():
-        all_truth = gathered(true_probs)
-        result["bayes_auc"] = exact_auc(all_truth, all_labels)
-        result["bayes_logloss"] = logloss(all_truth, all_labels)
-    return EvalResult(**result)
+    all_truth = gathered(true_probs) if has_truth.item() else None
+    result = scores(all_logits, all_labels, all_truth)
+    if frequency is None:
+        return EvalResult(**result)
+    all_buckets = gathered(buckets).astype(np.int64)
+    by_bucket = {}
+    for index, label in enumerate(frequency.labels):
+        rows = all_buckets == index
+        truth = None if all_truth is None else all_truth[rows]
+        by_bucket[label] = EvalResult(**scores(all_logits[rows], all_labels[rows], truth))
+    return EvalResult(**result, buckets=by_bucket)
 
 
 class PeriodicEvaluator:
@@ -105,11 +142,13 @@ class PeriodicEvaluator:
         every: int | None,
         device: torch.device,
         report: Callable[[int, int, EvalResult], None],
+        frequency: IdFrequency | None = None,
     ) -> None:
         self.batches = batches
         self.every = every
         self.device = device
         self.report = report
+        self.frequency = frequency
         self.last: tuple[int, EvalResult] | None = None
 
     def after_step(self, model: nn.Module, step: int, epoch: int) -> None:
@@ -122,7 +161,7 @@ class PeriodicEvaluator:
         return self._evaluate(model, step, epoch)
 
     def _evaluate(self, model: nn.Module, step: int, epoch: int) -> EvalResult:
-        result = evaluate(model, self.batches, self.device)
+        result = evaluate(model, self.batches, self.device, self.frequency)
         self.last = (step, result)
         self.report(step, epoch, result)
         return result

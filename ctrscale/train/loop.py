@@ -40,6 +40,7 @@ from ctrscale.train.checkpoint import (
     Progress,
 )
 from ctrscale.train.evaluate import EvalResult, PeriodicEvaluator
+from ctrscale.train.frequency import IdFrequency
 from ctrscale.train.metrics_log import MetricsLog, TrainingWindow, finite_or_none
 from ctrscale.train.step import Trainer, build_trainer
 
@@ -94,7 +95,11 @@ def _train(config: Config, out_dir: Path, ctx: DistContext, resume: bool) -> dic
     )
     window = TrainingWindow(log, config.train.log_every_steps, total_steps, ctx.device)
     evaluator = PeriodicEvaluator(
-        eval_loader, config.train.eval_every_steps, ctx.device, report_to(log)
+        eval_loader,
+        config.train.eval_every_steps,
+        ctx.device,
+        report_to(log),
+        id_frequency(config, train_loader, ctx),
     )
 
     with contextlib.closing(log):  # also on errors: an error message starts on its own line
@@ -273,15 +278,31 @@ def batches(
         progress.epoch += 1
 
 
+def id_frequency(
+    config: Config, train_loader: ParquetBatchLoader, ctx: DistContext
+) -> IdFrequency | None:
+    """The training split's id counts for evaluation by frequency, unless turned off."""
+    edges = config.train.frequency_buckets
+    if not edges:
+        return None
+    return IdFrequency.of_training_split(train_loader, edges, ctx.rank, ctx.world_size)
+
+
 def report_to(log: MetricsLog):
     """What an evaluation result becomes: an `eval` record and one line on the terminal."""
 
     def report(step: int, epoch: int, result: EvalResult) -> None:
         log.record("eval", step, {"epoch": epoch, **result.as_dict()})
         gap = "" if result.bayes_auc is None else f" (Bayes-optimal {result.bayes_auc:.5f})"
+        by_bucket = ""
+        if result.buckets:
+            by_bucket = "; by rarest id's training count: " + ", ".join(
+                f"{label} {b.auc:.4f} ({b.rows:,})" if b.auc is not None else f"{label} —"
+                for label, b in result.buckets.items()
+            )
         log.message(
             f"step {step}: eval AUC {result.auc:.5f}{gap}, LogLoss {result.logloss:.5f} "
-            f"on {result.rows:,} rows"
+            f"on {result.rows:,} rows{by_bucket}"
         )
 
     return report

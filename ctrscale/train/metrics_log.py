@@ -81,7 +81,8 @@ class MetricsLog:
                     self._writer.add_scalar(f"{kind}/{key}", value, step)
                 elif isinstance(value, dict):
                     for sub, number in value.items():
-                        self._writer.add_scalar(f"{kind}/{key}/{sub}", number, step)
+                        if isinstance(number, int | float) and not isinstance(number, bool):
+                            self._writer.add_scalar(f"{kind}/{key}/{sub}", number, step)
 
     def progress(self, steps: int, **postfix: Any) -> None:
         if self._bar is not None:

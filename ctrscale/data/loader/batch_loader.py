@@ -43,6 +43,7 @@ from ctrscale.data.loader.dataset import (
     table_sizes_from_metadata,
 )
 from ctrscale.data.loader.decode import WindowDecoder
+from ctrscale.data.loader.frequency import count_ids
 from ctrscale.data.loader.holdout import HoldoutSplit, Split
 from ctrscale.data.loader.prefetch import prefetched
 from ctrscale.data.loader.shuffle import EpochOrder, WindowReader
@@ -190,6 +191,14 @@ class ParquetBatchLoader:
     @property
     def files(self) -> list[Path]:
         return [f.path for f in self._files]
+
+    def id_counts(self, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """Occurrences of every id in this split (rank r of N counts every N-th row group;
+        sum over the ranks): C1's table first, then C2's, … (`count_ids`)."""
+        return count_ids(
+            self._files, self._row_groups, self._holdout.kept_mask, self.table_sizes, rank,
+            world_size,
+        )  # fmt: skip
 
     def has_column(self, name: str) -> bool:
         """Whether every file has the column (e.g. `p_true`, which only synthetic data has)."""

@@ -22,7 +22,7 @@ from ctrscale.data.loader.validation import Validator
 from ctrscale.errors import DataError
 
 
-def _read_table(file: ParquetFile, group: RowGroup, columns: list[str], where: str) -> pa.Table:
+def read_table(file: ParquetFile, group: RowGroup, columns: list[str], where: str) -> pa.Table:
     try:
         handle = pq.ParquetFile(file.path, metadata=file.metadata)
         return handle.read_row_group(group.index, columns=columns)
@@ -81,7 +81,7 @@ class WindowDecoder:
         """
         file = self._files[group.file]
         where = f"{file.path}, row group {group.index}"
-        table = _read_table(file, group, self._columns, where)
+        table = read_table(file, group, self._columns, where)
         kept = self._kept_mask(group)
 
         def column(name: str) -> np.ndarray:
