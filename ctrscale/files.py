@@ -9,6 +9,7 @@ a filesystem), flushed to disk, renamed over the target, and the directory entry
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -42,6 +43,17 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode())
+
+
+def finite_or_none(value: Any) -> Any:
+    """`value` with every non-finite float (also inside dicts and lists) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(item) for item in value]
+    return value
 
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:

@@ -23,15 +23,11 @@ checkpoint (`--resume`) or starts again; the reports are rewritten after every r
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +36,7 @@ from typing import Any
 import tomli_w
 
 from ctrscale.bench.methods import RuleVariant, parse_rule
+from ctrscale.bench.report import markdown_table, plot, summarize, write_csv
 from ctrscale.config import (
     BenchTable,
     Config,
@@ -50,6 +47,7 @@ from ctrscale.config import (
 )
 from ctrscale.data.schema import METADATA_FILE, read_metadata
 from ctrscale.errors import CtrscaleError
+from ctrscale.files import finite_or_none
 
 DEFAULT_MULTIPLIERS = tuple(2**k for k in range(8))  # base ×1 … ×128, as in the CowClip paper
 # Config keys every run sets itself: a --set of one would be silently overwritten.
@@ -59,12 +57,6 @@ PER_RUN_KEYS = {
     "optim.cowclip.mode": "--rules",
     "train.seed": "--seeds",
 }
-CSV_COLUMNS = (
-    "batch_size", "scale", "rule", "scaling_rule", "dense_optimizer", "semantics", "seed",
-    "embedding_lr", "embedding_l2", "dense_lr", "dense_warmup_steps", "cowclip",
-    "auc", "logloss", "bayes_auc", "bayes_auc_gap", "steps", "epochs",
-    "train_rows_per_s", "wall_seconds", "run_dir",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -249,10 +241,6 @@ def run_cell(cell: Cell, config_path: Path, run_dir: Path, keep_checkpoints: boo
     return True
 
 
-def finite_or_none(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def result_row(cell: Cell, config: Config, run_dir: Path, out: Path) -> dict[str, Any]:
     """One CSV/JSON row from a finished run's metrics.json (and timing.json)."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -281,149 +269,9 @@ def result_row(cell: Cell, config: Config, run_dir: Path, out: Path) -> dict[str
         "train_rows_per_s": metrics["rows_per_s"],
         "wall_seconds": timing.get("wall_seconds"),
         "run_dir": str(run_dir.relative_to(out)),
+        "buckets": {label: b["auc"] for label, b in (metrics.get("buckets") or {}).items()},
     }
-    return {key: finite_or_none(value) for key, value in row.items()}
-
-
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation; std is None below two values (it is unknown)."""
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
-def summarize(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± std over seeds for each (batch size, rule), in batch-size then first-seen order."""
-    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["batch_size"], row["rule"]), []).append(row)
-    summary = []
-    for (batch_size, rule), members in sorted(groups.items(), key=lambda item: item[0][0]):
-
-        def present(key: str, members=members) -> list[float]:
-            return [m[key] for m in members if m[key] is not None]
-
-        auc_mean, auc_std = mean_std(present("auc"))
-        logloss_mean, logloss_std = mean_std(present("logloss"))
-        summary.append(
-            {
-                "batch_size": batch_size,
-                "rule": rule,
-                "seeds": sorted(m["seed"] for m in members),
-                "auc_mean": auc_mean,
-                "auc_std": auc_std,
-                "logloss_mean": logloss_mean,
-                "logloss_std": logloss_std,
-                "bayes_auc": mean_std(present("bayes_auc"))[0],
-                "bayes_auc_gap_mean": mean_std(present("bayes_auc_gap"))[0],
-                "steps": members[0]["steps"],
-                "train_rows_per_s_mean": mean_std(present("train_rows_per_s"))[0],
-                "wall_seconds_mean": mean_std(present("wall_seconds"))[0],
-            }
-        )
-    return summary
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def percent(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return "—"
-    return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
-
-
-def markdown_table(
-    summary: list[dict[str, Any]], rules: list[str], batch_sizes: list[int], base: int
-) -> str:
-    """Rows: batch sizes; columns: rules (mean ± std test AUC, %), then the Bayes AUC;
-    then the change of each rule's mean AUC from its own smallest batch, in points."""
-    by_cell = {(s["batch_size"], s["rule"]): s for s in summary}
-    bayes = {s["batch_size"]: s["bayes_auc"] for s in summary if s["bayes_auc"] is not None}
-    steps = {s["batch_size"]: s["steps"] for s in summary}
-    header = ["batch", "× base", "steps", *rules, "Bayes AUC"]
-    lines = [
-        "Test AUC (%), mean ± std over seeds",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---:" for _ in header) + "|",
-    ]
-    for batch_size in batch_sizes:
-        cells = [by_cell.get((batch_size, rule), {}) for rule in rules]
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    f"{batch_size:,}",
-                    f"×{batch_size / base:g}",
-                    str(steps.get(batch_size, "—")),
-                    *(percent(c.get("auc_mean"), c.get("auc_std")) for c in cells),
-                    percent(bayes.get(batch_size), None),
-                ]
-            )
-            + " |"
-        )
-    smallest = min(batch_sizes)
-    lines += [
-        "",
-        f"Change of mean test AUC from batch {smallest:,} (percentage points)",
-        "",
-        "| batch | " + " | ".join(rules) + " |",
-        "|" + "|".join("---:" for _ in range(len(rules) + 1)) + "|",
-    ]
-    for batch_size in batch_sizes:
-        changes = []
-        for rule in rules:
-            start = by_cell.get((smallest, rule), {}).get("auc_mean")
-            now = by_cell.get((batch_size, rule), {}).get("auc_mean")
-            changes.append("—" if start is None or now is None else f"{100 * (now - start):+.2f}")
-        lines.append(f"| {batch_size:,} | " + " | ".join(changes) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(
-    path: Path,
-    summary: list[dict[str, Any]],
-    rules: list[str],
-    batch_sizes: list[int],
-    seeds: int,
-) -> None:
-    """AUC versus batch size (log2 axis), one line per rule with ±std error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers and in tests
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7.5, 4.8))
-    for rule in rules:
-        points = [s for s in summary if s["rule"] == rule and s["auc_mean"] is not None]
-        if points:
-            axes.errorbar(
-                [p["batch_size"] for p in points],
-                [p["auc_mean"] for p in points],
-                yerr=[p["auc_std"] or 0.0 for p in points],
-                marker="o",
-                capsize=3,
-                label=rule,
-            )
-    bayes = [s["bayes_auc"] for s in summary if s["bayes_auc"] is not None]
-    if bayes:
-        axes.axhline(statistics.fmean(bayes), color="black", linestyle="--", label="Bayes-optimal")
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(batch_sizes, [f"{b:,}" for b in batch_sizes], rotation=30)
-    axes.minorticks_off()
-    axes.set_xlabel("batch size")
-    axes.set_ylabel("test AUC")
-    axes.set_title(f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return finite_or_none(row)
 
 
 def write_reports(out: Path, sweep: Sweep, rows: list[dict[str, Any]], failed: list[str]) -> str:

@@ -25,7 +25,7 @@ from ctrscale.config import (
 from ctrscale.data.loader import ParquetBatchLoader
 from ctrscale.distributed.context import init_distributed
 from ctrscale.errors import CtrscaleError
-from ctrscale.files import write_json_atomic
+from ctrscale.files import finite_or_none, write_json_atomic
 from ctrscale.optim.embedding.update import EmbeddingUpdate, clip_floor
 from ctrscale.optim.scaling import resolve_hyperparameters, scaled
 from ctrscale.train.checkpoint import (
@@ -44,7 +44,6 @@ from ctrscale.train.loop import (
     step_budget,
     train,
 )
-from ctrscale.train.metrics_log import finite_or_none
 from ctrscale.train.step import build_trainer
 
 

@@ -33,7 +33,7 @@ from ctrscale.data.loader import ParquetBatchLoader
 from ctrscale.data.schema import TRUE_PROBABILITY
 from ctrscale.distributed.context import DistContext, global_sum, init_distributed
 from ctrscale.errors import CtrscaleError
-from ctrscale.files import write_json_atomic, write_text_atomic
+from ctrscale.files import finite_or_none, write_json_atomic, write_text_atomic
 from ctrscale.locking import ExclusiveLock
 from ctrscale.train.checkpoint import (
     Checkpointer,
@@ -41,7 +41,7 @@ from ctrscale.train.checkpoint import (
 )
 from ctrscale.train.evaluate import EvalResult, PeriodicEvaluator
 from ctrscale.train.frequency import IdFrequency
-from ctrscale.train.metrics_log import MetricsLog, TrainingWindow, finite_or_none
+from ctrscale.train.metrics_log import MetricsLog, TrainingWindow
 from ctrscale.train.step import Trainer, build_trainer
 
 CONFIG_TOML = "config.toml"

@@ -18,20 +18,9 @@ from tqdm import tqdm
 
 from ctrscale.distributed.context import global_sum
 from ctrscale.errors import CtrscaleError, TrainingDiverged
-from ctrscale.files import write_text_atomic
+from ctrscale.files import finite_or_none, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
-
-
-def finite_or_none(value: Any) -> Any:
-    """`value` with every non-finite float (also inside dicts and lists) replaced by None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite_or_none(item) for item in value]
-    return value
 
 
 def drop_records_after(path: Path, step: int) -> None:

@@ -15,8 +15,8 @@ from runner import run_ctrscale
 from support import REPO_ROOT
 
 from ctrscale import cli
-from ctrscale.bench.auc_vs_batch import mean_std, summarize
 from ctrscale.bench.methods import parse_rule
+from ctrscale.bench.report import best_base, markdown_table, mean_std, summarize
 from ctrscale.errors import CtrscaleError
 
 QUICK = REPO_ROOT / "pipelines" / "quick.toml"
@@ -39,6 +39,8 @@ def read_results(out: Path) -> tuple[list[dict[str, str]], dict]:
 def assert_csv_matches_json(csv_rows: list[dict[str, str]], json_rows: list[dict]) -> None:
     assert len(csv_rows) == len(json_rows)
     for from_csv, from_json in zip(csv_rows, json_rows, strict=True):
+        buckets = {f"auc[{label}]": auc for label, auc in from_json["buckets"].items()}
+        from_json = {**{k: v for k, v in from_json.items() if k != "buckets"}, **buckets}
         assert set(from_csv) == set(from_json)
         for key, value in from_json.items():
             if isinstance(value, float):
@@ -133,6 +135,33 @@ def test_summary_groups_runs_by_batch_size_and_rule():
     assert none["wall_seconds_mean"] is None
 
 
+def test_every_cell_is_compared_with_the_best_base_result_of_the_whole_sweep():
+    """A method that holds its own weak ×1 baseline has not closed the gap: the differences
+    are to the best ×1 AUC over every method, overall and per frequency bucket."""
+
+    def cell(batch_size, rule, auc, rare):
+        return {
+            "batch_size": batch_size, "rule": rule, "seed": 0, "auc": auc, "logloss": 0.45,
+            "bayes_auc": 0.8, "bayes_auc_gap": 0.8 - auc, "steps": 10,
+            "train_rows_per_s": 1.0, "wall_seconds": 1.0, "buckets": {"<5": rare},
+        }  # fmt: skip
+
+    summary = summarize(
+        [
+            cell(128, "lazy", 0.770, 0.70),  # the best ×1
+            cell(128, "dense", 0.760, 0.72),  # a weaker ×1 baseline, but the best rare rows
+            cell(1024, "lazy", 0.765, 0.69),
+            cell(1024, "dense", 0.760, 0.71),  # holds its own baseline exactly
+        ]
+    )
+    assert best_base(summary) == (pytest.approx(0.770), "lazy")
+    text = markdown_table(summary, ["lazy", "dense"], [128, 1024], 128)
+    differences = text.split("Difference to the best ×1 result")[1].split("Change from")[0]
+    assert "| 1,024 | -0.50 | -1.00 |" in differences
+    assert "| 1,024 | -0.50 | +0.00 |" in text  # against each method's own ×1
+    assert "| 1,024 | 69.00 (-3.00) | 71.00 (-1.00) |" in text  # the rare bucket's best is dense
+
+
 def test_second_invocation_skips_finished_runs_and_reruns_a_crashed_one(tmp_path):
     """Two short runs (one with a dense-optimizer variant, both at once), then the same command
     again: nothing retrains; after one run loses its metrics.json (as if killed) only it does."""
@@ -193,3 +222,11 @@ def test_quick_preset_produces_every_run_and_sane_reports(tmp_path):
         assert any(line.startswith(f"| {batch_size:,} | ×") for line in table)
     png = (out / "results.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+    # Every cell against the best ×1 result of the whole sweep, and per frequency bucket.
+    text = "\n".join(table)
+    assert "Difference to the best ×1 result" in text
+    for label in ("<5", "5–99", "≥100"):
+        assert f"rarest id was seen {label} times" in text
+        assert all(label in run["buckets"] for run in results["runs"])
+    for extra in ("results-buckets.png", "results-time.png"):
+        assert (out / extra).read_bytes().startswith(PNG_SIGNATURE)
