@@ -70,10 +70,8 @@ def gsnr_step(model, batch, past):
     dense, embedding = split(model)
     per_sample = losses(model, batch)
     samples = [torch.autograd.grad(c.mean(), dense, retain_graph=True) for c in per_sample.chunk(K)]
-    scaled = [
-        gsnr_gradient(sum(g[i] for g in samples), sum(g[i] ** 2 for g in samples), K)
-        for i in range(len(dense))
-    ]
+    stacked = [torch.stack([g[i] for g in samples]) for i in range(len(dense))]
+    scaled = [gsnr_gradient(s.mean(0), s.var(0, unbiased=False)) for s in stacked]
     embedding_grads = torch.autograd.grad(per_sample.mean(), embedding)
     sgd(embedding, embedding_grads, EMBEDDING_LR)
     sgd(dense, scaled, DENSE_LR)

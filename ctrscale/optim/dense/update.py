@@ -76,7 +76,7 @@ class DenseUpdate:
         )
         self.transform = config.transform
         self.gsnr = None
-        self._gsnr_sums: tuple[list[Tensor], list[Tensor], int] | None = None
+        self._gsnr_moments: tuple[list[Tensor], list[Tensor]] | None = None
         if self.transform == GradientTransform.GSNR:
             self.gsnr = GsnrTransform(*config.gsnr_bounds)
         self.extrapolation = None
@@ -106,32 +106,37 @@ class DenseUpdate:
         self.extrapolation.extrapolate(self.lr_at(step) if gamma is None else gamma)
 
     def gsnr_statistics(self, per_sample_loss: Tensor, world_size: int) -> None:
-        """Σg and Σg² of the k = `gsnr_samples` micro-batch gradients of the global batch,
-        over every rank: this rank's k/N contiguous micro-batches of its rows (a rank's rows
-        are a contiguous slice of the global batch, so 1 and N processes see the same k
-        samples), each the gradient of its mean loss, from the step's graph."""
+        """Mean and variance of the k = `gsnr_samples` micro-batch gradients of the global
+        batch, over every rank: this rank's k/N contiguous micro-batches of its rows (a rank's
+        rows are a contiguous slice of the global batch, so 1 and N processes see the same k
+        samples), each the gradient of its mean loss, from the step's graph. Two passes (the
+        mean, then the deviations from it), each one all-reduce, keep the variance exact."""
         k = self.config.gsnr_samples
         if k % world_size:
             raise HyperparameterError(
                 f"optim.dense.gsnr_samples={k} must be a multiple of the world size {world_size}"
             )
-        sums = [torch.zeros_like(p) for p in self.params]
-        squares = [torch.zeros_like(p) for p in self.params]
+        samples = []
         for chunk in per_sample_loss.tensor_split(k // world_size):
             grads = torch.autograd.grad(
                 chunk.mean(), self.params, retain_graph=True, allow_unused=True
             )
-            for total, total_sq, grad in zip(sums, squares, grads, strict=True):
-                if grad is not None:
-                    total.add_(grad)
-                    total_sq.addcmul_(grad, grad)
-        if world_size > 1:
-            flat = torch.cat([t.flatten() for t in (*sums, *squares)])
-            dist.all_reduce(flat)  # one collective for both sums
-            both = sums + squares
-            for tensor, reduced in zip(both, _unflatten(flat, both), strict=True):
-                tensor.copy_(reduced)
-        self._gsnr_sums = (sums, squares, k)
+            samples.append(
+                [
+                    torch.zeros_like(p) if g is None else g
+                    for p, g in zip(self.params, grads, strict=True)
+                ]
+            )
+        means = _summed(_add_all(samples), world_size)
+        for mean in means:
+            mean.div_(k)
+        deviations = [
+            [(g - m).square() for g, m in zip(sample, means, strict=True)] for sample in samples
+        ]
+        variances = _summed(_add_all(deviations), world_size)
+        for variance in variances:
+            variance.div_(k)
+        self._gsnr_moments = (means, variances)
 
     def step(self, step: int) -> None:
         """Optimizer step number `step` (0-based), at the schedule's LR of that step, after the
@@ -139,9 +144,8 @@ class DenseUpdate:
         if self.extrapolation is not None:
             self.extrapolation.restore()
         if self.gsnr is not None:
-            sums, squares, k = self._gsnr_sums
-            self.gsnr.apply(self.params, sums, squares, k)
-            self._gsnr_sums = None
+            self.gsnr.apply(self.params, *self._gsnr_moments)
+            self._gsnr_moments = None
         factor = self._multiplier(step)
         for group, base in zip(self.optimizer.param_groups, self._base_lrs, strict=True):
             group["lr"] = base * factor
@@ -175,6 +179,16 @@ class DenseUpdate:
             self.extrapolation.load_state_dict({"past_gradients": past})
 
 
-def _unflatten(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
-    pieces = flat.split([t.numel() for t in like])
-    return [piece.view_as(t) for piece, t in zip(pieces, like, strict=True)]
+def _add_all(samples: list[list[Tensor]]) -> list[Tensor]:
+    """Element-wise sum over samples, per parameter."""
+    return [torch.stack(per_param).sum(0) for per_param in zip(*samples, strict=True)]
+
+
+def _summed(tensors: list[Tensor], world_size: int) -> list[Tensor]:
+    """`tensors` summed over every rank, in one all-reduce."""
+    if world_size == 1:
+        return tensors
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    pieces = flat.split([t.numel() for t in tensors])
+    return [piece.view_as(t) for piece, t in zip(pieces, tensors, strict=True)]
