@@ -7,11 +7,11 @@ name the key. Every default cites where it comes from.
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
 
 import tomli_w
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ctrscale.choices import (
@@ -171,8 +171,14 @@ class ScheduleConfig(Section):
     # CowClip paper: hyperparameters tuned at batch 1024 and scaled by its rule up to 128K.
     rule: ScalingRule = ScalingRule.COWCLIP
     base_batch_size: PositiveInt = 1024
-    # Dense-LR warm-up; unset = the rule's own (one epoch for cowclip, none otherwise).
+    # Dense-LR warm-up in steps, or as a fraction of the run's steps (the CowClip paper warms
+    # up over 1 of its 10 epochs: 0.1); both unset = the rule's own (one epoch for cowclip,
+    # none otherwise); warmup_steps wins when both are set.
     warmup_steps: Annotated[int, Field(ge=0)] | None = None
+    warmup_fraction: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    # Whether the cowclip rule scales the embedding L2 by s; unset = only under dense
+    # semantics, where the rule's reasoning holds (see ctrscale/optim/scaling.py).
+    scale_l2: bool | None = None
     decay: Decay = Decay.CONSTANT  # LargeBatchCTR: no decay
     step_milestones: list[PositiveInt] = Field(default_factory=list)
     step_gamma: Annotated[float, Field(gt=0.0)] = 0.1

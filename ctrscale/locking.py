@@ -19,7 +19,7 @@ import fcntl
 import json
 import os
 import socket
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ class ExclusiveLock:
         holder = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         handle.truncate(0)
         handle.write(json.dumps(holder) + "\n")

@@ -6,9 +6,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import pytest
-import tomllib
 from support import REPO_ROOT
 
 STACK = {"torch": "2.13.0", "fbgemm": "1.8.0", "torchrec": "1.8.0"}

@@ -37,6 +37,7 @@ import tomli_w
 
 from ctrscale.bench.methods import RuleVariant, parse_rule
 from ctrscale.bench.report import markdown_table, plot, summarize, write_csv
+from ctrscale.choices import ScalingRule
 from ctrscale.config import (
     BenchTable,
     Config,
@@ -87,6 +88,7 @@ class Sweep:
     configs: dict[Cell, Config]
     bench: BenchTable
     preset_path: Path  # the preset without [bench], inside --out
+    same_as: dict[Cell, Cell]  # cells trained by another cell's run (`same_runs`)
 
 
 def read_preset(path: str | Path) -> tuple[BenchTable, dict[str, Any]]:
@@ -135,7 +137,28 @@ def plan_sweep(args) -> Sweep:
         cell: load_config(preset_path, [*data_overrides, *args.overrides, *cell.overrides()])
         for cell in cells
     }
-    return Sweep(cells, configs, bench, preset_path)
+    return Sweep(cells, configs, bench, preset_path, same_runs(cells, configs))
+
+
+def same_runs(cells: list[Cell], configs: dict[Cell, Config]) -> dict[Cell, Cell]:
+    """Cells that would train exactly what an earlier cell trains, mapped to it: at the base
+    batch size (s = 1) every scaling rule leaves the values as they are, so rules that differ
+    only there — with the warm-up set explicitly — are one run, trained once."""
+    first: dict[str, Cell] = {}
+    twins = {}
+    for cell in cells:
+        config = configs[cell]
+        schedule = config.optim.schedule
+        explicit_warmup = schedule.warmup_steps is not None or schedule.warmup_fraction is not None
+        if config.data.batch_size == schedule.base_batch_size and explicit_warmup:
+            config = config.model_copy(deep=True)
+            config.optim.schedule.rule = ScalingRule.NONE
+        key = config_to_toml(config)
+        if key in first:
+            twins[cell] = first[key]
+        else:
+            first[key] = cell
+    return twins
 
 
 def default_batch_sizes(config: Config) -> list[int]:
@@ -251,7 +274,7 @@ def result_row(cell: Cell, config: Config, run_dir: Path, out: Path) -> dict[str
         "batch_size": cell.batch_size,
         "scale": hp["scale"],
         "rule": cell.variant.name,
-        "scaling_rule": hp["rule"],
+        "scaling_rule": config.optim.schedule.rule,
         "dense_optimizer": config.optim.dense.name,
         "semantics": config.optim.embedding.semantics,
         "seed": cell.seed,
@@ -317,9 +340,12 @@ def run_cli(args) -> int:
     config_paths = {
         cell: prepare_run_dir(cell, sweep.configs[cell], cell.directory(out))
         for cell in sweep.cells
+        if cell not in sweep.same_as
     }
     to_train = []
     for cell in sweep.cells:
+        if cell in sweep.same_as:
+            continue
         if is_finished(cell.directory(out)):
             rows[cell] = result_row(cell, sweep.configs[cell], cell.directory(out), out)
             report(cell, "finished earlier, skipped")
@@ -340,6 +366,10 @@ def run_cli(args) -> int:
             else:
                 failed.append(cell)
                 report(cell, f"FAILED, see {cell.directory(out) / 'train.log'}")
+    for cell, original in sweep.same_as.items():
+        if original in rows:
+            rows[cell] = result_row(cell, sweep.configs[cell], original.directory(out), out)
+            report(cell, f"the same run as {original.label()}")
     print((out / "results.md").read_text())
     print(f"results in {out}/results.{{csv,json,md,png}}")
     if failed:

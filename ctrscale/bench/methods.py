@@ -33,6 +33,12 @@ MODIFIERS: dict[str, tuple[str, ...]] = {
     "gsnr": (f'optim.dense.transform="{GradientTransform.GSNR}"',),
     "extrap": (f'optim.dense.transform="{GradientTransform.EXTRAPOLATION}"',),
     "extrap_past": (f'optim.dense.transform="{GradientTransform.PAST_EXTRAPOLATION}"',),
+    # Ablations of the cowclip rule's ingredients.
+    "l2xs": ("optim.schedule.scale_l2=true",),  # L2 × s whatever the semantics
+    "l2fixed": ("optim.schedule.scale_l2=false",),
+    "noclip": (f'optim.cowclip.mode="{ClipMode.OFF}"',),
+    "warmup_run": ("optim.schedule.warmup_fraction=1.0",),  # warm up over the whole run
+    "nowarmup": ("optim.schedule.warmup_steps=0",),
 }
 
 

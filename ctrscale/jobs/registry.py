@@ -31,7 +31,7 @@ import os
 import shutil
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +184,7 @@ class Registry:
                     "sha256": sha256_file(path),
                 }
             )
-        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        created = datetime.now(UTC).isoformat(timespec="seconds")
         write_json_atomic(staging / MANIFEST, {"date": date, "created": created, "files": files})
         for directory in [*(p for p in staging.rglob("*") if p.is_dir()), staging]:
             fsync_path(directory)

@@ -9,6 +9,13 @@ With s = batch_size / base_batch_size:
   linearly over the first epoch (Zheng et al., AAAI 2023, Sec. 4 and the LargeBatchCTR
   README: Criteo 1K → 128K keeps lr_embed 1e-4, l2 1e-5·s, lr 8e-4·√s, warmup 1).
 
+  L2 × s compensates for s× fewer steps when every row is pulled at every step, which is what
+  the official code does (dense semantics). Under lazy updates a row is pulled once per step
+  that looks it up — about as often at any batch size for rare ids — so × s pulls it s× harder
+  at the same frequency. ctrscale therefore scales L2 only under dense semantics unless
+  `optim.schedule.scale_l2` says otherwise (docs/results/large-batch-gap measures both: × s
+  under lazy updates costs 0.7 AUC points at ×128).
+
 A rule sets learning rates, L2 and warm-up only; whether the clip runs is `optim.cowclip.mode`.
 The warm-up applies to the dense LR; embedding LRs are never warmed up (as in LargeBatchCTR).
 """
@@ -19,7 +26,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ctrscale.choices import ScalingRule, names
+from ctrscale.choices import ScalingRule, UpdateSemantics, names
 from ctrscale.config import Config, OptimConfig
 from ctrscale.errors import CtrscaleError
 
@@ -57,12 +64,14 @@ def resolve(
     dense_lr: float,
     steps_per_epoch: int,
     warmup_steps: int | None = None,
+    scale_l2: bool = True,
 ) -> ResolvedHyperparameters:
     """Scale base-batch hyperparameters to `batch_size` by `rule` (see the module docstring).
 
     `embedding_lr`, `embedding_l2` and `dense_lr` are the values tuned at `base_batch_size`;
     `steps_per_epoch` counts steps at `batch_size`. The dense warm-up is `warmup_steps` when
-    given, else one epoch for `cowclip` and none for the other rules.
+    given, else one epoch for `cowclip` and none for the other rules. `scale_l2`: whether the
+    `cowclip` rule multiplies L2 by s.
     """
     _require(
         rule in tuple(ScalingRule),
@@ -89,7 +98,7 @@ def resolve(
     if rule == ScalingRule.COWCLIP:
         return ResolvedHyperparameters(
             embedding_lr=embedding_lr,
-            embedding_l2=embedding_l2 * scale,
+            embedding_l2=embedding_l2 * scale if scale_l2 else embedding_l2,
             dense_lr=dense_lr * math.sqrt(scale),
             dense_warmup_steps=steps_per_epoch if warmup_steps is None else warmup_steps,
             scale=scale,
@@ -105,9 +114,18 @@ def resolve(
     )
 
 
-def resolve_hyperparameters(config: Config, steps_per_epoch: int) -> ResolvedHyperparameters:
+def resolve_hyperparameters(
+    config: Config, steps_per_epoch: int, total_steps: int
+) -> ResolvedHyperparameters:
     """The run's values: `config.optim`'s base-batch values scaled to `data.batch_size`."""
     optim = config.optim
+    schedule = optim.schedule
+    warmup_steps = schedule.warmup_steps
+    if warmup_steps is None and schedule.warmup_fraction is not None:
+        warmup_steps = round(schedule.warmup_fraction * total_steps)
+    scale_l2 = schedule.scale_l2
+    if scale_l2 is None:
+        scale_l2 = optim.embedding.semantics == UpdateSemantics.DENSE
     return resolve(
         optim.schedule.rule,
         base_batch_size=optim.schedule.base_batch_size,
@@ -116,7 +134,8 @@ def resolve_hyperparameters(config: Config, steps_per_epoch: int) -> ResolvedHyp
         embedding_l2=optim.embedding.l2,
         dense_lr=optim.dense.lr,
         steps_per_epoch=steps_per_epoch,
-        warmup_steps=optim.schedule.warmup_steps,
+        warmup_steps=warmup_steps,
+        scale_l2=scale_l2,
     )
 
 

@@ -141,8 +141,8 @@ def print_config(config: Config) -> None:
     """The resolved configuration and the hyperparameters at its batch size, without training
     (reads the training data's metadata for the number of steps an epoch has)."""
     loader = ParquetBatchLoader.from_config(config.data, "train", 0, 1, seed=config.train.seed)
-    steps_per_epoch, _ = step_budget(config, loader)
-    hyperparameters = resolve_hyperparameters(config, steps_per_epoch)
+    steps_per_epoch, total_steps = step_budget(config, loader)
+    hyperparameters = resolve_hyperparameters(config, steps_per_epoch, total_steps)
     optim = scaled(config.optim, hyperparameters)
     embedding = EmbeddingUpdate(
         optim.embedding, optim.cowclip, config.distributed.sharding_type, torch.device("cpu")

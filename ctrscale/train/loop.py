@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -311,7 +311,7 @@ def report_to(log: MetricsLog):
 def environment(ctx: DistContext) -> dict[str, Any]:
     """Who ran a job, where, with what: for `run.json`."""
     return {
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": sys.argv,
         "ctrscale": __version__,
         "commit": source_commit(),

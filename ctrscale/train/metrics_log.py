@@ -93,8 +93,12 @@ class MetricsLog:
             self._writer.close()
 
 
-class HasRates(Protocol):
+class Reporting(Protocol):
+    """What a training record asks the trainer for."""
+
     def learning_rates(self) -> dict[str, float]: ...
+
+    def clip_counts(self) -> tuple[Any, Any]: ...
 
 
 class TrainingWindow:
@@ -119,24 +123,25 @@ class TrainingWindow:
         self.start = time.perf_counter()
 
     def after_step(
-        self, step: int, epoch: int, loss_sum: torch.Tensor, rows: int, trainer: HasRates
+        self, step: int, epoch: int, loss_sum: torch.Tensor, rows: int, trainer: Reporting
     ) -> None:
         self.loss_sum += loss_sum
         self.rows += rows
         self.steps += 1
         if step % self.every == 0 or step == self.total_steps:
-            self._record(step, epoch, trainer.learning_rates())
+            self._record(step, epoch, trainer)
 
-    def _record(self, step: int, epoch: int, learning_rates: dict[str, float]) -> None:
-        (loss_sum,) = global_sum([self.loss_sum], self.device)
+    def _record(self, step: int, epoch: int, trainer: Reporting) -> None:
+        clipped, seen = trainer.clip_counts()
+        loss_sum, clipped, seen = global_sum([self.loss_sum, clipped, seen], self.device)
         seconds = time.perf_counter() - self.start
         rows_per_s = self.rows / seconds if seconds > 0 else 0.0
         loss = loss_sum / max(self.rows, 1)  # rows are already global-batch rows
-        self.log.record(
-            "train",
-            step,
-            {"epoch": epoch, "loss": loss, "rows_per_s": rows_per_s, "lr": learning_rates},
-        )
+        values = {"epoch": epoch, "loss": loss, "rows_per_s": rows_per_s}
+        values["lr"] = learning_rates = trainer.learning_rates()
+        if seen:  # the share of the window's (id, step) pairs whose gradient CowClip shrank
+            values["cowclip_clipped_fraction"] = clipped / seen
+        self.log.record("train", step, values)
         if not math.isfinite(loss):
             raise TrainingDiverged(
                 f"the training loss became {loss} between steps {step - self.steps + 1} and "

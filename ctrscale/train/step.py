@@ -91,6 +91,10 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
+    def clip_counts(self) -> tuple[Any, Any]:
+        """Ids CowClip scaled down and ids it saw since the last call, on this rank."""
+        return self.embedding.clip_counter.take()
+
     def learning_rates(self) -> dict[str, float]:
         return {"embedding": self.embedding.learning_rate, "dense": self.dense.learning_rate}
 
@@ -146,7 +150,7 @@ def build_trainer(
     steps_per_epoch: int,
     total_steps: int,
 ) -> Trainer:
-    hyperparameters = resolve_hyperparameters(config, steps_per_epoch)
+    hyperparameters = resolve_hyperparameters(config, steps_per_epoch, total_steps)
     optim = scaled(config.optim, hyperparameters)
     model = build_model(config.model, table_sizes, dense_device=ctx.device)
     ebc = model.embedding_bag_collection

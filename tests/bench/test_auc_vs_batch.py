@@ -230,3 +230,23 @@ def test_quick_preset_produces_every_run_and_sane_reports(tmp_path):
         assert all(label in run["buckets"] for run in results["runs"])
     for extra in ("results-buckets.png", "results-time.png"):
         assert (out / extra).read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_rules_that_coincide_at_the_base_batch_train_once():
+    """At s = 1 every rule leaves the values as they are: with the warm-up set explicitly,
+    none, sqrt and linear at the base batch are one run; other batch sizes stay apart."""
+    from ctrscale.bench.auc_vs_batch import Cell, same_runs
+    from ctrscale.config import load_config
+
+    variants = [parse_rule(name) for name in ("none", "sqrt", "linear", "cowclip")]
+    cells = [Cell(batch, variant, 0) for batch in (256, 512) for variant in variants]
+    settings = ["optim.schedule.base_batch_size=256", "optim.schedule.warmup_fraction=0.1"]
+
+    def config(cell):
+        return load_config(None, [*settings, *cell.overrides()])
+
+    twins = same_runs(cells, {cell: config(cell) for cell in cells})
+    none, sqrt, linear = cells[:3]
+    assert twins == {sqrt: none, linear: none}  # cowclip clips: another run
+    without_warmup = {cell: load_config(None, cell.overrides()) for cell in cells}
+    assert same_runs(cells, without_warmup) == {}  # the rules' own warm-ups differ

@@ -203,12 +203,23 @@ def run(sharding: str, embedding_optimizer: str = "sgd", semantics: str = "lazy"
         )
         clipped, unclipped = clipped + more_clipped, unclipped + more_unclipped
 
+    counted = [float(count) for count in trainer.clip_counts()]
+    if dist.get_world_size() > 1:
+        counted = torch.tensor(counted)
+        dist.all_reduce(counted)
+        counted = counted.tolist()
     sharded, expected = full_state(trainer.dmp), reference.state_dict()
     worst = max(
         ((sharded[name] - value).abs().max() / value.abs().max().clamp_min(1e-12)).item()
         for name, value in expected.items()
     )
-    return {"max_relative_error": worst, "clipped_ids": clipped, "unclipped_ids": unclipped}
+    return {
+        "max_relative_error": worst,
+        "clipped_ids": clipped,
+        "unclipped_ids": unclipped,
+        "counted_clipped": counted[0],
+        "counted_seen": counted[1],
+    }
 
 
 if __name__ == "__main__":

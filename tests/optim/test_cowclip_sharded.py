@@ -14,11 +14,18 @@ from support import REPO_ROOT, free_port
 from ctrscale.distributed.context import child_environment
 
 
-def check(result: dict) -> None:
+def check(result: dict, sharding: str) -> None:
     assert result["max_relative_error"] <= 1e-5
     # The comparison means something only if the clip both bit and let ids through.
     assert result["clipped_ids"] > 0
     assert result["unclipped_ids"] > 0
+    # The clipped fraction the trainer logs is the literal one (an id of a column-split table
+    # is counted on each shard of its row, of a replicated table on each rank).
+    seen = result["clipped_ids"] + result["unclipped_ids"]
+    fraction = result["counted_clipped"] / result["counted_seen"]
+    assert fraction == pytest.approx(result["clipped_ids"] / seen, rel=1e-12)
+    if sharding == "table_wise":
+        assert (result["counted_clipped"], result["counted_seen"]) == (result["clipped_ids"], seen)
 
 
 SHARDINGS = ["table_wise", "column_wise", "data_parallel"]
@@ -30,7 +37,7 @@ SHARDINGS = ["table_wise", "column_wise", "data_parallel"]
 def test_one_process_matches_the_formula(
     single_process_group, sharding, embedding_optimizer, semantics
 ):
-    check(cowclip_reference.run(sharding, embedding_optimizer, semantics))
+    check(cowclip_reference.run(sharding, embedding_optimizer, semantics), sharding)
 
 
 TWO_PROCESS_CASES = [
@@ -55,4 +62,4 @@ def test_two_processes_match_the_formula(tmp_path, sharding, embedding_optimizer
         ],
         check=True, env=env, capture_output=True, timeout=600,
     )  # fmt: skip
-    check(json.loads(out.read_text()))
+    check(json.loads(out.read_text()), sharding)

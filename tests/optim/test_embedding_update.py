@@ -50,10 +50,10 @@ def test_the_path_follows_the_optimizer_the_device_and_the_semantics(
 def test_the_clip_has_one_switch_that_the_scaling_rule_does_not_touch():
     config = load_config(None, ['optim.schedule.rule="none"'])
     assert config.optim.cowclip.mode == "paper"  # on by default, whatever the rule
-    hp = resolve_hyperparameters(config, steps_per_epoch=10)
+    hp = resolve_hyperparameters(config, steps_per_epoch=10, total_steps=10)
     assert scaled(config.optim, hp).cowclip == config.optim.cowclip
     off = load_config(None, ['optim.schedule.rule="cowclip"', 'optim.cowclip.mode="off"'])
-    hp = resolve_hyperparameters(off, steps_per_epoch=10)
+    hp = resolve_hyperparameters(off, steps_per_epoch=10, total_steps=10)
     assert scaled(off.optim, hp).cowclip.mode == "off"  # the cowclip rule does not switch it on
 
 

@@ -34,7 +34,7 @@ def test_cowclip_rule_resolves_and_saves_the_papers_scaling(tiny_dataset, tmp_pa
     saved = json.loads((tmp_path / "run" / "hyperparameters.json").read_text())
     assert saved["rule"] == "cowclip" and saved["scale"] == 4
     assert saved["embedding_lr"] == pytest.approx(0.05)  # fixed
-    assert saved["embedding_l2"] == pytest.approx(4e-5)  # × s
+    assert saved["embedding_l2"] == pytest.approx(1e-5)  # lazy updates: L2 not × s
     assert saved["dense_lr"] == pytest.approx(0.003 * math.sqrt(4))  # × √s
     assert saved["dense_warmup_steps"] == 10  # one epoch: 21,600 train rows / 2,048
     assert saved["embedding"]["cowclip"]["mode"] == "paper"  # the clip's own switch, default on

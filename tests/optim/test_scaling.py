@@ -6,7 +6,13 @@ import math
 
 import pytest
 
-from ctrscale.optim.scaling import HyperparameterError, ResolvedHyperparameters, resolve
+from ctrscale.config import load_config
+from ctrscale.optim.scaling import (
+    HyperparameterError,
+    ResolvedHyperparameters,
+    resolve,
+    resolve_hyperparameters,
+)
 
 # The CowClip paper's Criteo base setting at batch 1024 (LargeBatchCTR README).
 BASE = {"base_batch_size": 1024, "embedding_lr": 1e-4, "embedding_l2": 1e-5, "dense_lr": 8e-4}
@@ -99,3 +105,28 @@ def test_as_dict_holds_every_field_for_saving_with_a_run():
 def test_invalid_inputs_raise_errors_naming_them(rule, batch_size, overrides, message):
     with pytest.raises(HyperparameterError, match=message):
         resolved(rule, batch_size, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("settings", "l2"),
+    [
+        ([], 1e-5),  # lazy updates (the default): a row is pulled per look-up, not per step
+        (['optim.embedding.semantics="dense"'], 8e-5),  # every row every step: the paper's × s
+        (["optim.schedule.scale_l2=true"], 8e-5),
+        (['optim.embedding.semantics="dense"', "optim.schedule.scale_l2=false"], 1e-5),
+    ],
+)
+def test_cowclip_rule_scales_l2_where_every_row_is_pulled_every_step(settings, l2):
+    config = load_config(None, ["data.batch_size=8192", *settings])
+    hp = resolve_hyperparameters(config, steps_per_epoch=100, total_steps=1000)
+    assert hp.embedding_l2 == pytest.approx(l2)
+
+
+def test_the_warm_up_can_be_a_fraction_of_the_run():
+    config = load_config(None, ["optim.schedule.warmup_fraction=0.1"])
+    assert resolve_hyperparameters(config, 100, total_steps=1000).dense_warmup_steps == 100
+    both = load_config(
+        None, ["optim.schedule.warmup_fraction=0.1", "optim.schedule.warmup_steps=7"]
+    )
+    assert resolve_hyperparameters(both, 100, total_steps=1000).dense_warmup_steps == 7
+    assert resolve_hyperparameters(load_config(), 100, 1000).dense_warmup_steps == 100  # 1 epoch

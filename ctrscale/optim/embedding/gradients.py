@@ -56,6 +56,28 @@ class GradientRule:
 
 
 @dataclass
+class ClipCounter:
+    """How many ids CowClip scaled down, out of how many it saw, since the last `take()`.
+    Kept as tensors on the ids' device: counting costs no synchronisation per step."""
+
+    clipped: Tensor | None = None
+    seen: Tensor | None = None
+
+    def add(self, factor: Tensor) -> None:
+        clipped = (factor < 1).sum()
+        if self.clipped is None:
+            self.clipped, self.seen = clipped, torch.zeros_like(clipped)
+        else:
+            self.clipped += clipped
+        self.seen += factor.numel()
+
+    def take(self) -> tuple[Tensor | float, Tensor | float]:
+        counts = (0.0, 0.0) if self.clipped is None else (self.clipped, self.seen)
+        self.clipped = self.seen = None
+        return counts
+
+
+@dataclass
 class Lookups:
     """One group's single-valued lookups in a batch: n (slot, sample) pairs with their ids,
     the gradient rows reaching them [n, width], and each distinct id's weight row [ids, width]."""
@@ -257,7 +279,11 @@ def replicated_counts(tables: ReplicatedTables, indices: Tensor, offsets: Tensor
 
 @torch.no_grad()
 def rewrite_replicated(
-    tables: ReplicatedTables, counts: Tensor, rule: GradientRule, dense: bool
+    tables: ReplicatedTables,
+    counts: Tensor,
+    rule: GradientRule,
+    dense: bool,
+    clip_counter: ClipCounter,
 ) -> list[tuple[int, Tensor | None, Tensor]]:
     """L2 and CowClip on the all-reduced `.grad` of each data-parallel table, given global
     counts (concatenated as `replicated_counts`). Returns (shard index, rows, gradient rows)
@@ -285,6 +311,7 @@ def rewrite_replicated(
                 rule.r,
                 rule.zeta_for_dim[weight.shape[1]],
             )
+            clip_counter.add(factor)
             grad[rows] *= factor.unsqueeze(1).to(grad.dtype)
         updates.append((index, None, grad.clone()) if dense else (index, rows, grad[rows]))
     for shard in tables.shards:

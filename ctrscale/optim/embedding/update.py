@@ -41,6 +41,7 @@ from ctrscale.choices import (
 from ctrscale.config import ConfigError, CowClipConfig, EmbeddingOptimConfig
 from ctrscale.optim.cowclip import zeta_from_official_bound
 from ctrscale.optim.embedding.gradients import (
+    ClipCounter,
     GradientRule,
     GroupRows,
     combine_column_norms,
@@ -105,6 +106,8 @@ class EmbeddingUpdate:
         self._lookups: dict[int, _Lookup] = {}
         self._flat_states: dict[int, State] = {}
         self.shard_states: dict[str, State] = {}  # per `table@row,col`: checkpoints
+        # Ids CowClip scaled down since the last training record (logged as a fraction).
+        self.clip_counter = ClipCounter()
 
     # ---- before sharding ----
 
@@ -217,6 +220,9 @@ class EmbeddingUpdate:
                 self._column_group,
             )
         for number, group_parts in parts.items():
+            for part in group_parts:
+                if part.factor is not None:
+                    self.clip_counter.add(part.factor)
             self._apply_fused(number, group_parts)
         self._update_replicated()
         self._lookups.clear()
@@ -271,7 +277,10 @@ class EmbeddingUpdate:
         for tables, table_counts in zip(
             self._replicated, all_counts.split([c.numel() for c in counts]), strict=True
         ):
-            for index, rows, grad in rewrite_replicated(tables, table_counts, self.rule, dense):
+            rewritten = rewrite_replicated(
+                tables, table_counts, self.rule, dense, self.clip_counter
+            )
+            for index, rows, grad in rewritten:
                 shard = tables.shards[index]
                 self.optimizer.apply(
                     shard.weight.detach(), self.shard_states[shard.key], rows, grad
