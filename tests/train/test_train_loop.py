@@ -110,6 +110,11 @@ def test_data_parallel_tables_follow_the_embedding_optimizer(tiny_dataset, tmp_p
         # same rows on any world size, the past-gradient extrapolation uses all-reduced ones.
         ("table_wise", "gsnr"),
         ("table_wise", "past_extrapolation"),
+        # Dense optimizers whose rule reads all-reduced gradients: SNGM's global norm, MCLR's
+        # median curvature over layers, NovoGrad's per-tensor moments.
+        ("table_wise", "sngm"),
+        ("table_wise", "mclr"),
+        ("table_wise", "novograd"),
     ],
 )
 def test_two_processes_match_one_process(tiny_dataset, tmp_path, sharding, transform):
@@ -124,9 +129,7 @@ def test_two_processes_match_one_process(tiny_dataset, tmp_path, sharding, trans
             "distributed.column_shard_dim": 4,  # 12-wide tables: 3 shards over both ranks
             "optim.embedding.name": "sgd",
             "optim.embedding.lr": 0.5,
-            "optim.dense.name": "sgd",
-            "optim.dense.lr": 0.05,
-            "optim.dense.transform": transform,
+            **dense_method(transform),
         },
     )
     run_ctrscale(train_args(tmp_path / "one", overrides))
@@ -144,6 +147,13 @@ def test_two_processes_match_one_process(tiny_dataset, tmp_path, sharding, trans
     atol = 1e-7 if transform == "none" else 1e-6
     for name in single:
         torch.testing.assert_close(double[name], single[name], rtol=1e-5, atol=atol)
+
+
+def dense_method(method: str) -> dict:
+    """`none` or a gradient transform on plain SGD, or a dense optimizer by name."""
+    if method in ("none", "gsnr", "past_extrapolation", "extrapolation"):
+        return {"optim.dense.name": "sgd", "optim.dense.lr": 0.05, "optim.dense.transform": method}
+    return {"optim.dense.name": method, "optim.dense.lr": 0.05}
 
 
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -230,8 +240,20 @@ def test_evaluate_and_warm_start_reuse_a_saved_model(tiny_dataset, tmp_path):
         {"optim.embedding.name": "adam", "optim.embedding.lr": 0.01},
         # The past-gradient extrapolation carries last step's gradient into the next step.
         {"optim.dense.transform": "past_extrapolation"},
+        # Each dense optimizer's own state: moments, momentum, previous gradients and weights.
+        *({"optim.dense.name": name} for name in ("lambc", "novograd", "sngm", "cblr", "mclr")),
+        {"optim.embedding.name": "rowwise_novograd", "optim.embedding.lr": 0.01},
     ],
-    ids=["adam-embeddings", "past-extrapolation"],
+    ids=[
+        "adam-embeddings",
+        "past-extrapolation",
+        "lambc",
+        "novograd",
+        "sngm",
+        "cblr",
+        "mclr",
+        "rowwise-novograd-embeddings",
+    ],
 )
 def test_stop_and_resume_with_optimizer_state_is_exact(tiny_dataset, tmp_path, state):
     """A resumed run ends bitwise like an uninterrupted one."""
