@@ -96,6 +96,7 @@ class ScalingRule(StrEnum):
     LINEAR = "linear"
     SQRT = "sqrt"
     COWCLIP = "cowclip"
+    REGIME = "regime"
 
 
 class Decay(StrEnum):

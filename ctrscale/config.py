@@ -87,6 +87,11 @@ class ModelConfig(Section):
     dcn_low_rank: PositiveInt = 64
     # Normal(0, 1e-2) embedding init (CowClip paper, "init std 1e-2").
     init_std: Annotated[float, Field(gt=0.0)] = 1e-2
+    # Batch norm after each hidden layer of the DeepFM / Wide&Deep DNN (off, as DeepCTR and
+    # the CowClip code), normalised over ghost batches of `ghost_batch_size` rows per rank
+    # ("train longer", Hoffer et al. 2017; unset = the rank's whole batch).
+    batch_norm: bool = False
+    ghost_batch_size: PositiveInt | None = None
 
     @model_validator(mode="after")
     def _dims_fbgemm_accepts(self) -> ModelConfig:
@@ -143,6 +148,9 @@ class DenseOptimConfig(Section):
     # (Jiang et al. 2023), whose exact bounds were not available: one decade either side.
     gsnr_samples: Annotated[int, Field(ge=2)] = 4
     gsnr_bounds: tuple[NonNegativeFloat, NonNegativeFloat] = (0.1, 10.0)
+    # Clip the dense gradients' global norm to this before the step ("train longer"'s code
+    # uses 5); unset = no clipping.
+    clip_norm: Annotated[float, Field(gt=0.0)] | None = None
     # EXTRAP-SGD's extrapolation step γ; unset = the dense LR of the step (Lin et al. 2020 use
     # γ = η).
     extrapolation_gamma: NonNegativeFloat | None = None
@@ -211,6 +219,9 @@ class TrainConfig(Section):
     # an eval row's rarest id, counted in the training split; [] = off. 5 and 100 follow the
     # rare/frequent split of the CTR frequency literature (and issue #11).
     frequency_buckets: list[PositiveInt] = Field(default_factory=lambda: [5, 100])
+    # Drop this fraction of each global batch's rows with the smallest loss from the gradient
+    # (Gao & Zhong 2020); 0 = off.
+    discard_fraction: Fraction = 0.0
 
 
 class DistributedConfig(Section):
@@ -304,6 +315,15 @@ class Config(Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     refresh: RefreshConfig = Field(default_factory=RefreshConfig)
     bench: BenchTable = Field(default_factory=BenchTable)
+
+    @model_validator(mode="after")
+    def _discarding_needs_full_batches(self) -> Config:
+        if self.train.discard_fraction > 0 and not self.data.drop_last:
+            raise ValueError(
+                "train.discard_fraction > 0 needs data.drop_last = true: the rows dropped are "
+                "ranked over equal global batches"
+            )
+        return self
 
 
 def _parse_override_value(raw: str) -> Any:

@@ -33,6 +33,11 @@ MODIFIERS: dict[str, tuple[str, ...]] = {
     "gsnr": (f'optim.dense.transform="{GradientTransform.GSNR}"',),
     "extrap": (f'optim.dense.transform="{GradientTransform.EXTRAPOLATION}"',),
     "extrap_past": (f'optim.dense.transform="{GradientTransform.PAST_EXTRAPOLATION}"',),
+    # "Train longer": ghost batch norm over the base batch (set `model.ghost_batch_size`) and
+    # the gradient-norm clip of its code; small-loss discarding (Gao & Zhong: q = 0.1).
+    "ghostbn": ("model.batch_norm=true",),
+    "clip5": ("optim.dense.clip_norm=5.0",),
+    "discard": ("train.discard_fraction=0.1",),
     # Ablations of the cowclip rule's ingredients.
     "l2xs": ("optim.schedule.scale_l2=true",),  # L2 × s whatever the semantics
     "l2fixed": ("optim.schedule.scale_l2=false",),

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 from torchrec.modules.embedding_modules import get_embedding_names_by_table
-from torchrec.modules.mlp import MLP
 
 from ctrscale.config import ModelConfig
 from ctrscale.data.schema import validate_table_sizes
+from ctrscale.models.ghost_norm import GhostBatchNorm1d
 
 WIDE_SUFFIX = "_wide"
 # The smallest embedding dim FBGEMM's kernels accept; only column 0 carries the weight.
@@ -158,13 +158,24 @@ def _init_like_deepctr(module: nn.Module) -> None:
                 nn.init.zeros_(layer.bias)
 
 
-def deep_tower(in_features: int, hidden: Sequence[int], device: torch.device) -> nn.Sequential:
-    """DeepCTR's DNN (ReLU after every hidden layer) and its bias-free `Dense(1)` logit."""
-    last = hidden[-1] if hidden else in_features
-    tower = nn.Sequential(
-        MLP(in_features, list(hidden), bias=True, activation="relu", device=device),
-        nn.Linear(last, 1, bias=False, device=device),
-    )
+def deep_tower(
+    in_features: int,
+    hidden: Sequence[int],
+    device: torch.device,
+    batch_norm: bool = False,
+    ghost_batch_size: int | None = None,
+) -> nn.Sequential:
+    """DeepCTR's DNN (ReLU after every hidden layer; with `batch_norm`, ghost batch norm
+    before each ReLU) and its bias-free `Dense(1)` logit."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for out in hidden:
+        layers.append(nn.Linear(width, out, bias=True, device=device))
+        if batch_norm:
+            layers.append(GhostBatchNorm1d(out, ghost_batch_size, device=device))
+        layers.append(nn.ReLU())
+        width = out
+    tower = nn.Sequential(*layers, nn.Linear(width, 1, bias=False, device=device))
     _init_like_deepctr(tower)
     return tower
 

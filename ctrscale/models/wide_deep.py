@@ -40,7 +40,11 @@ class WideDeep(CTRModel):
         self.sparse_arch = SparseArch(tables, embedding_device)
         self.dense_linear = dense_linear(num_dense, dense_device)
         self.dnn = deep_tower(
-            len(SPARSE_FEATURES) * config.embedding_dim + num_dense, config.dnn, dense_device
+            len(SPARSE_FEATURES) * config.embedding_dim + num_dense,
+            config.dnn,
+            dense_device,
+            batch_norm=config.batch_norm,
+            ghost_batch_size=config.ghost_batch_size,
         )
 
     @property

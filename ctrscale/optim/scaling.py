@@ -16,8 +16,15 @@ With s = batch_size / base_batch_size:
   `optim.schedule.scale_l2` says otherwise (docs/results/large-batch-gap measures both: × s
   under lazy updates costs 0.7 AUC points at ×128).
 
-A rule sets learning rates, L2 and warm-up only; whether the clip runs is `optim.cowclip.mode`.
-The warm-up applies to the dense LR; embedding LRs are never warmed up (as in LargeBatchCTR).
+- `regime`: "train longer" (Hoffer, Hubara & Soudry, NeurIPS 2017): every learning rate
+  × √s and the epochs × ⌈s⌉, so the run makes as many updates as at the base batch (LR-drop
+  milestones, counted in steps, then fall on the same updates); combine with a global
+  gradient-norm clip (`optim.dense.clip_norm`, the paper's code uses 5) and ghost batch norm
+  (`model.batch_norm`, `model.ghost_batch_size`).
+
+A rule sets learning rates, L2, warm-up (and `regime` the epochs) only; whether the clip runs
+is `optim.cowclip.mode`. The warm-up applies to the dense LR; embedding LRs are never warmed
+up (as in LargeBatchCTR).
 """
 
 from __future__ import annotations
@@ -94,6 +101,7 @@ def resolve(
         ScalingRule.NONE: 1.0,
         ScalingRule.LINEAR: scale,
         ScalingRule.SQRT: math.sqrt(scale),
+        ScalingRule.REGIME: math.sqrt(scale),
     }
     if rule == ScalingRule.COWCLIP:
         return ResolvedHyperparameters(
@@ -112,6 +120,24 @@ def resolve(
         scale=scale,
         rule=rule,
     )
+
+
+def regime_adaptation(
+    base_batch_size: int, batch_size: int, lr: float, epochs: int, milestones: list[int]
+) -> tuple[float, int, list[int]]:
+    """ "Train longer"'s regime at `batch_size` from one tuned at `base_batch_size`: the LR
+    × √s, the epochs and the LR-drop milestones (in epochs) × ⌈s⌉."""
+    scale = batch_size / base_batch_size
+    factor = math.ceil(scale)
+    return lr * math.sqrt(scale), epochs * factor, [m * factor for m in milestones]
+
+
+def epochs_factor(config: Config) -> int:
+    """How many times `train.epochs` the run trains: ⌈s⌉ under `regime`, else 1."""
+    schedule = config.optim.schedule
+    if schedule.rule != ScalingRule.REGIME:
+        return 1
+    return math.ceil(config.data.batch_size / schedule.base_batch_size)
 
 
 def resolve_hyperparameters(

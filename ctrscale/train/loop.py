@@ -35,6 +35,7 @@ from ctrscale.distributed.context import DistContext, global_sum, init_distribut
 from ctrscale.errors import CtrscaleError
 from ctrscale.files import finite_or_none, write_json_atomic, write_text_atomic
 from ctrscale.locking import ExclusiveLock
+from ctrscale.optim.scaling import epochs_factor
 from ctrscale.train.checkpoint import (
     Checkpointer,
     Progress,
@@ -168,14 +169,15 @@ def check_ids_fit(loader: ParquetBatchLoader, table_sizes: dict[str, int], model
 
 
 def step_budget(config: Config, loader: ParquetBatchLoader) -> tuple[int, int]:
-    """(steps per epoch, steps of the run): `train.epochs` epochs, at most `train.max_steps`."""
+    """(steps per epoch, steps of the run): `train.epochs` epochs (× ⌈s⌉ under the `regime`
+    rule), at most `train.max_steps`."""
     steps_per_epoch = loader.num_batches()
     if steps_per_epoch == 0:
         raise CtrscaleError(
             f"the training data holds fewer rows than one batch ({config.data.batch_size}); "
             "lower data.batch_size or set data.drop_last=false"
         )
-    total_steps = config.train.epochs * steps_per_epoch
+    total_steps = config.train.epochs * epochs_factor(config) * steps_per_epoch
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
     return steps_per_epoch, total_steps

@@ -8,6 +8,7 @@ initialisation, and the dense update.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from ctrscale.models import build_model
 from ctrscale.optim.dense.update import DenseUpdate
 from ctrscale.optim.embedding.update import EmbeddingUpdate
 from ctrscale.optim.scaling import ResolvedHyperparameters, resolve_hyperparameters, scaled
+from ctrscale.train.discard import local_kept_rows
 
 
 @dataclass
@@ -53,13 +55,22 @@ class Trainer:
         self._extrapolate(batch, step)
         logits = self.dmp(batch.dense_features, batch.sparse_features)
         losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
-        loss_sum = losses.sum()
+        trained, rows = self._discard_small_losses(losses, global_rows)
         if self.dense.gsnr is not None:
-            self.dense.gsnr_statistics(losses, self.ctx.world_size)
-        (loss_sum * (self.ctx.world_size / global_rows)).backward()
+            self.dense.gsnr_statistics(trained, self.ctx.world_size)
+        (trained.sum() * (self.ctx.world_size / rows)).backward()
         self.embedding.after_backward(global_rows)
         self.dense.step(step)
-        return loss_sum.detach()
+        return losses.detach().sum()
+
+    def _discard_small_losses(self, losses: torch.Tensor, global_rows: int):
+        """The per-row losses the gradient comes from, and how many rows they are: all, or
+        all but the ⌊q·B⌋ smallest of the global batch (`train.discard_fraction` = q)."""
+        fraction = self.config.train.discard_fraction
+        if fraction == 0:
+            return losses, global_rows
+        kept = local_kept_rows(losses, fraction, self.ctx.rank, self.ctx.world_size)
+        return losses * kept, global_rows - math.floor(fraction * global_rows)
 
     def _extrapolate(self, batch: Batch, step: int) -> None:
         """EXTRAP-SGD: move the dense parameters to w' for the step's gradient. The local

@@ -240,3 +240,14 @@ def test_embedding_bag_collection_shards_with_fused_optimizer(name, single_proce
         assert torch.count_nonzero(local_table(table)[:, 1:]) == 0, table
     dense_grads = [p.grad for n, p in sharded.named_parameters() if "embedding_bags" not in n]
     assert dense_grads and all(g is not None for g in dense_grads)
+
+
+def test_the_dnn_can_normalise_over_ghost_batches():
+    from ctrscale.models.ghost_norm import GhostBatchNorm1d
+
+    config = ModelConfig(name="deepfm", dnn=[16, 8], batch_norm=True, ghost_batch_size=32)
+    model = build_model(config, uniform_sizes(10), embedding_device=torch.device("cpu"))
+    norms = [m for m in model.dnn.modules() if isinstance(m, GhostBatchNorm1d)]
+    assert [n.num_features for n in norms] == [16, 8] and {n.ghost_size for n in norms} == {32}
+    plain = build_model(ModelConfig(dnn=[16, 8]), uniform_sizes(10))
+    assert not any(isinstance(m, GhostBatchNorm1d) for m in plain.modules())

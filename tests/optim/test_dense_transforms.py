@@ -14,12 +14,13 @@ from ctrscale.config import load_config
 from ctrscale.distributed.context import init_distributed
 from ctrscale.models import build_model
 from ctrscale.optim.dense.gsnr import gsnr_gradient
+from ctrscale.train.discard import kept_rows
 from ctrscale.train.step import build_trainer
 
 EMBEDDING_LR, DENSE_LR, K = 0.5, 0.1, 4
 
 
-def trainer_and_reference(transform: str):
+def trainer_and_reference(transform: str, *extra: str):
     config = load_config(
         None,
         [
@@ -37,6 +38,7 @@ def trainer_and_reference(transform: str):
             'optim.schedule.rule="none"',
             f'optim.dense.transform="{transform}"',
             f"optim.dense.gsnr_samples={K}",
+            *extra,
         ],
     )
     ctx = init_distributed(config.distributed)
@@ -121,3 +123,40 @@ def test_the_trainer_applies_the_transform_literally(
     # The transform changed the run: it is not a no-op on these batches.
     dense_names = [n for n in ours if "embedding_bags" not in n]
     assert any(not torch.allclose(ours[n], plain[n], rtol=1e-4) for n in dense_names)
+
+
+def test_discarding_small_losses_trains_on_the_rest_of_the_batch(single_process_group):
+    """q = 0.25: the gradient of the mean loss over the 192 rows with the largest losses."""
+    trainer, model = trainer_and_reference("none", "train.discard_fraction=0.25")
+    for step, batch in enumerate(ref.global_batches()):
+        trainer.step(batch, ref.GLOBAL_BATCH, step)
+        per_sample = losses(model, batch)
+        kept = kept_rows(per_sample.detach(), 0.25)
+        assert int(kept.sum()) == ref.GLOBAL_BATCH - ref.GLOBAL_BATCH // 4
+        dense, embedding = split(model)
+        grads = torch.autograd.grad(per_sample[kept].mean(), [*dense, *embedding])
+        sgd(dense, grads[: len(dense)], DENSE_LR)
+        sgd(embedding, grads[len(dense) :], EMBEDDING_LR)
+    ours, expected = ref.full_state(trainer.dmp), model.state_dict()
+    for name, value in expected.items():
+        scale = value.abs().max().clamp_min(1e-12)
+        assert ((ours[name] - value).abs().max() / scale).item() <= 1e-5, name
+
+
+def test_the_global_gradient_norm_is_clipped_before_the_step():
+    """ "Train longer" clips the gradient's global norm (its code: at 5) before the optimizer."""
+    from ctrscale.config import DenseOptimConfig, ScheduleConfig
+    from ctrscale.optim.dense.update import DenseUpdate
+
+    layer = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in layer.parameters()]
+    config = DenseOptimConfig(name="sgd", lr=1.0, momentum=0.0, clip_norm=5.0)
+    update = DenseUpdate(
+        dict(layer.named_parameters()), config, ScheduleConfig(), warmup_steps=0, total_steps=1
+    )
+    for param in layer.parameters():
+        param.grad = torch.full_like(param, 100.0)
+    update.step(0)
+    after = list(layer.parameters())
+    moved = torch.cat([(b - a.detach()).flatten() for b, a in zip(before, after, strict=True)])
+    assert moved.norm().item() == pytest.approx(5.0, rel=1e-5)

@@ -10,6 +10,8 @@ from ctrscale.config import load_config
 from ctrscale.optim.scaling import (
     HyperparameterError,
     ResolvedHyperparameters,
+    epochs_factor,
+    regime_adaptation,
     resolve,
     resolve_hyperparameters,
 )
@@ -130,3 +132,23 @@ def test_the_warm_up_can_be_a_fraction_of_the_run():
     )
     assert resolve_hyperparameters(both, 100, total_steps=1000).dense_warmup_steps == 7
     assert resolve_hyperparameters(load_config(), 100, 1000).dense_warmup_steps == 100  # 1 epoch
+
+
+def test_regime_adaptation_keeps_the_number_of_updates():
+    """ "Train longer": B 128 → 2,048, LR 0.1 → 0.4, 100 → 1,600 epochs, a drop at 50 → 800."""
+    assert regime_adaptation(128, 2048, 0.1, 100, [50]) == (pytest.approx(0.4), 1600, [800])
+    config = load_config(
+        None,
+        [
+            'optim.schedule.rule="regime"',
+            "optim.schedule.base_batch_size=128",
+            "data.batch_size=2048",
+            "optim.dense.lr=0.1",
+            "optim.embedding.lr=0.1",
+        ],
+    )
+    assert epochs_factor(config) == 16
+    hp = resolve_hyperparameters(config, steps_per_epoch=10, total_steps=160)
+    assert (hp.dense_lr, hp.embedding_lr) == (pytest.approx(0.4), pytest.approx(0.4))
+    assert hp.embedding_l2 == pytest.approx(1e-5) and hp.dense_warmup_steps == 0
+    assert epochs_factor(load_config(None, ["data.batch_size=2048"])) == 1  # other rules

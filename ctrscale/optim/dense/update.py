@@ -140,12 +140,14 @@ class DenseUpdate:
 
     def step(self, step: int) -> None:
         """Optimizer step number `step` (0-based), at the schedule's LR of that step, after the
-        transform: back to w_t from w', or the GSNR-scaled gradient."""
+        transform (back to w_t from w', or the GSNR-scaled gradient) and the global-norm clip."""
         if self.extrapolation is not None:
             self.extrapolation.restore()
         if self.gsnr is not None:
             self.gsnr.apply(self.params, *self._gsnr_moments)
             self._gsnr_moments = None
+        if self.config.clip_norm is not None:
+            nn.utils.clip_grad_norm_(self.params, self.config.clip_norm)
         factor = self._multiplier(step)
         for group, base in zip(self.optimizer.param_groups, self._base_lrs, strict=True):
             group["lr"] = base * factor
