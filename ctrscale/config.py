@@ -67,6 +67,10 @@ class DataConfig(Section):
     # writes 128K-row groups), bounded so memory does not grow with the dataset.
     shuffle_buffer_rows: PositiveInt = 1_048_576
     prefetch_batches: PositiveInt = 2
+    # Batch-size ramp (ctrscale/train/ramp.py): start at this global batch and double up to
+    # `batch_size` over the first `ramp_steps` steps; unset = no ramp.
+    ramp_from_batch_size: PositiveInt | None = None
+    ramp_steps: PositiveInt | None = None
 
 
 class ModelConfig(Section):

@@ -43,6 +43,7 @@ from ctrscale.train.checkpoint import (
 from ctrscale.train.evaluate import EvalResult, PeriodicEvaluator
 from ctrscale.train.frequency import IdFrequency
 from ctrscale.train.metrics_log import MetricsLog, TrainingWindow
+from ctrscale.train.ramp import Ramp, join
 from ctrscale.train.step import Trainer, build_trainer
 
 CONFIG_TOML = "config.toml"
@@ -136,8 +137,9 @@ def make_loaders(config: Config, ctx: DistContext) -> tuple[ParquetBatchLoader, 
             f"{ctx.world_size} (each rank takes an equal slice of every global batch)"
         )
     seed = config.train.seed
+    start = data.ramp_from_batch_size or data.batch_size  # a ramp joins loader batches
     train_loader = ParquetBatchLoader.from_config(
-        data, "train", ctx.rank, ctx.world_size, seed=seed
+        data, "train", ctx.rank, ctx.world_size, seed=seed, batch_size=start
     )
     evaluation = ParquetBatchLoader.from_config(
         data,
@@ -177,7 +179,10 @@ def step_budget(config: Config, loader: ParquetBatchLoader) -> tuple[int, int]:
             f"the training data holds fewer rows than one batch ({config.data.batch_size}); "
             "lower data.batch_size or set data.drop_last=false"
         )
-    total_steps = config.train.epochs * epochs_factor(config) * steps_per_epoch
+    epochs = config.train.epochs * epochs_factor(config)
+    total_steps = epochs * steps_per_epoch
+    if (ramp := Ramp.of(config.data)) is not None:
+        steps_per_epoch, total_steps = ramp.steps(steps_per_epoch, epochs)
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
     return steps_per_epoch, total_steps
@@ -263,21 +268,31 @@ def batches(
 ) -> Iterator[tuple[Batch, int]]:
     """This rank's batches on the device with the global batch's row count, epoch after epoch
     from where `progress` stands (a resumed loader continues its epoch), until `total_steps`."""
+    ramp = Ramp.of(config.data)
     resumed_mid_epoch = progress.step > 0
     while progress.step < total_steps:
         if not resumed_mid_epoch:
             loader.set_epoch(progress.epoch)
         resumed_mid_epoch = False
+        pending: list[Batch] = []
         for batch in loader:
-            batch = batch.to(ctx.device)
-            if config.data.drop_last:
-                global_rows = config.data.batch_size
-            else:
-                global_rows = int(global_sum([batch.labels.numel()], ctx.device)[0])
-            yield batch, global_rows
+            pending.append(batch)
+            if ramp is not None and len(pending) < ramp.joined(progress.step):
+                continue
+            yield _on_device(join(pending), config, ctx)
+            pending = []
             if progress.step >= total_steps:
                 return
+        if pending:  # the epoch's last, smaller ramp step
+            yield _on_device(join(pending), config, ctx)
         progress.epoch += 1
+
+
+def _on_device(batch: Batch, config: Config, ctx: DistContext) -> tuple[Batch, int]:
+    batch = batch.to(ctx.device)
+    if config.data.drop_last and config.data.ramp_from_batch_size is None:
+        return batch, config.data.batch_size
+    return batch, int(global_sum([batch.labels.numel()], ctx.device)[0])
 
 
 def id_frequency(
