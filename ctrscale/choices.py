@@ -151,6 +151,13 @@ class RefreshHoldout(StrEnum):
     NEXT_DAY = "next_day"
 
 
+class SwapAverage(StrEnum):
+    """How SWAP's phase 3 averages embedding rows over the replicas (dense layers: the mean)."""
+
+    MEAN = "mean"
+    TOUCH_WEIGHTED = "touch_weighted"
+
+
 def names(choice: type[StrEnum]) -> str:
     """`a, b, c`: the members of an enum for an error message."""
     return ", ".join(member.value for member in choice)

@@ -297,6 +297,22 @@ def _add_refresh(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_lazy("ctrscale.jobs.refresh:run_cli"))
 
 
+def _add_swap(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "swap",
+        help="SWAP: large-batch phase, small-batch replicas on disjoint shards, their average",
+        description="Stochastic Weight Averaging in Parallel (Gupta et al., ICLR 2020): train "
+        "at data.batch_size for swap.phase1_fraction of the run, then swap.replicas runs from "
+        "its weights at swap.replica_batch_size on disjoint shards of the rest of the data, "
+        "then average them ([swap] in the config) and evaluate. Every phase is a run "
+        "directory under --out; rerunning the command resumes. The last stdout line is a "
+        "JSON summary.",
+    )
+    _add_config_arguments(p)
+    p.add_argument("--out", required=True, help="directory of the phases' runs")
+    p.set_defaults(run=_lazy("ctrscale.jobs.swap:run_cli"))
+
+
 EXIT_CODES = (
     "exit codes: 0 ok; 1 unexpected failure (a crash: rerunning resumes); 2 bad input or "
     "configuration; 3 the refresh's AUC gate rejected the model; 4 another process holds the "
@@ -323,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_bench(sub)
     _add_refresh(sub)
+    _add_swap(sub)
     return parser
 
 

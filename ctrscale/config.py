@@ -29,6 +29,7 @@ from ctrscale.choices import (
     RefreshHoldout,
     ScalingRule,
     ShardingChoice,
+    SwapAverage,
     UpdateSemantics,
 )
 from ctrscale.errors import CtrscaleError
@@ -71,6 +72,20 @@ class DataConfig(Section):
     # `batch_size` over the first `ramp_steps` steps; unset = no ramp.
     ramp_from_batch_size: PositiveInt | None = None
     ramp_steps: PositiveInt | None = None
+    # Train on shard `shard_index` of `shard_count`: slice i of every global batch of
+    # shard_count × batch_size rows, so the shards are disjoint and together all the data
+    # (SWAP's phase-2 replicas, ctrscale/jobs/swap.py). 0 of 1 = all of it.
+    shard_index: Annotated[int, Field(ge=0)] = 0
+    shard_count: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> DataConfig:
+        if self.shard_index >= self.shard_count:
+            raise ValueError(
+                f"data.shard_index={self.shard_index} must be below data.shard_count="
+                f"{self.shard_count}"
+            )
+        return self
 
 
 class ModelConfig(Section):
@@ -216,9 +231,16 @@ class TrainConfig(Section):
     tensorboard: bool = False
     # A checkpoint (a `step-N` directory, or a run/checkpoints directory with `latest`) whose
     # model — and optimizer state, unless disabled — start this run; step and data position
-    # start fresh. The daily refresh warm-starts from the published model this way.
+    # start fresh (unless `warm_start_continue_data`). The daily refresh warm-starts this way.
     warm_start: str | None = None
     warm_start_optimizer: bool = True
+    # A warm start that continues the checkpoint's data stream: the run starts at the row the
+    # checkpoint stopped at (in this run's batches and shard), and its step count continues as
+    # if it had trained those rows at its own batch size (SWAP's phase 2).
+    warm_start_continue_data: bool = False
+    # Stop (evaluate and save) at the first training record whose mean loss is below this
+    # (SWAP's phase 1 "until a training-quality threshold"); unset = train to the end.
+    stop_below_loss: Annotated[float, Field(gt=0.0)] | None = None
     # Evaluation by id frequency (ctrscale/train/frequency.py): lower edges of the buckets of
     # an eval row's rarest id, counted in the training split; [] = off. 5 and 100 follow the
     # rare/frequent split of the CTR frequency literature (and issue #11).
@@ -288,6 +310,32 @@ class RefreshConfig(Section):
         return self
 
 
+class SwapConfig(Section):
+    """SWAP (Gupta, Serrano & DeCoste, ICLR 2020), `ctrscale swap`; see ctrscale/jobs/swap.py.
+
+    Phase 1 trains at `data.batch_size` for `phase1_fraction` of the run's rows (or until the
+    training loss falls below `train.stop_below_loss`); phase 2 trains `replicas` copies from
+    its weights and optimizer state at `replica_batch_size` on disjoint shards of the rest of
+    the data; phase 3 averages them and evaluates.
+    """
+
+    phase1_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    # W; the paper uses 8 workers.
+    replicas: Annotated[int, Field(ge=2)] = 4
+    # The small batch of each replica; unset = optim.schedule.base_batch_size.
+    replica_batch_size: PositiveInt | None = None
+    # Embedding rows: `touch_weighted` weighs each replica's row by how often its phase-2 data
+    # looked the id up (a plain mean shrinks the update of an id one replica saw by W).
+    average: SwapAverage = SwapAverage.TOUCH_WEIGHTED
+    # Replica processes trained at once (on GPUs: one per device, `distributed.cuda_index`).
+    parallel: PositiveInt = 1
+    # Phase-1 processes (torchrun) for a model too large for one device; 1 = one process.
+    phase1_nproc: PositiveInt = 1
+    # Batches of training data that re-estimate batch-norm statistics after averaging (the
+    # paper's step; only for models with `model.batch_norm`).
+    bn_batches: PositiveInt = 16
+
+
 class SyntheticData(Section):
     """Data `ctrscale bench auc-vs-batch` generates once with `ctrscale synth` and reuses."""
 
@@ -318,7 +366,17 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     refresh: RefreshConfig = Field(default_factory=RefreshConfig)
+    swap: SwapConfig = Field(default_factory=SwapConfig)
     bench: BenchTable = Field(default_factory=BenchTable)
+
+    @model_validator(mode="after")
+    def _continued_data_needs_fixed_batches(self) -> Config:
+        if self.train.warm_start_continue_data and self.data.ramp_from_batch_size is not None:
+            raise ValueError(
+                "train.warm_start_continue_data cannot be combined with data.ramp_from_batch_size:"
+                " the step count of a ramped run is not rows / batch size"
+            )
+        return self
 
     @model_validator(mode="after")
     def _discarding_needs_full_batches(self) -> Config:

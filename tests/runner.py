@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from support import free_port
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from ctrscale.distributed.context import child_environment
 
@@ -51,3 +53,15 @@ def train_args(out: Path, overrides: list[str]) -> list[str]:
     for override in overrides:
         args += ["--set", override]
     return args
+
+
+def metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def final_parameters(out: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The model of a run's latest checkpoint as plain tensors."""
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    flat = tmp_path / f"{out.parent.name}-{out.name}.pt"
+    dcp_to_torch_save(latest, flat)
+    return torch.load(flat, weights_only=False)["model"]

@@ -35,6 +35,16 @@ def test_toml_file_and_overrides_are_merged_and_typed(tmp_path):
         (["model.embedding_dim=10"], "model.embedding_dim"),
         (["optim.embedding.lr=fast"], "optim.embedding.lr"),
         (["nosection.key=1"], "nosection"),
+        (["data.shard_count=2", "data.shard_index=2"], "data.shard_index=2"),
+        (["swap.replicas=1"], "swap.replicas"),
+        (
+            [
+                "data.ramp_from_batch_size=1024",
+                "data.ramp_steps=4",
+                "train.warm_start_continue_data=true",
+            ],
+            "train.warm_start_continue_data",
+        ),
     ],
 )
 def test_unknown_keys_and_invalid_values_name_the_key(overrides, named):

@@ -232,19 +232,10 @@ def prepare_run_dir(cell: Cell, config: Config, run_dir: Path) -> Path:
     return path
 
 
-def train_command(config_path: Path, run_dir: Path) -> list[str]:
-    from ctrscale.train.checkpoint import LATEST
-
-    resume = ["--resume"] if (run_dir / "checkpoints" / LATEST).exists() else []
-    return [
-        sys.executable, "-m", "ctrscale", "train",
-        "--config", str(config_path), "--out", str(run_dir), *resume,
-    ]  # fmt: skip
-
-
 def run_cell(cell: Cell, config_path: Path, run_dir: Path, keep_checkpoints: bool) -> bool:
     """Train one cell in a child process (output in its train.log); True if it finished."""
     from ctrscale.distributed.context import child_environment
+    from ctrscale.jobs.launch import train_command
 
     command = train_command(config_path, run_dir)
     say(f"{cell.label()}: training …")

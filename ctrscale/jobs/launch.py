@@ -22,8 +22,6 @@ from typing import Any
 
 from ctrscale.config import Config, UserSettings
 from ctrscale.distributed.context import child_environment
-from ctrscale.train.commands import evaluate_checkpoint
-from ctrscale.train.loop import train
 
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
@@ -59,10 +57,24 @@ def _torchrun(nproc: int, args: list[str], *, capture: bool) -> str:
     return done.stdout or ""
 
 
+def train_command(config_file: Path, run_dir: Path) -> list[str]:
+    """`ctrscale train` of a run directory in a child process, resuming it if it started."""
+    from ctrscale.train.checkpoint import LATEST
+
+    resume = ["--resume"] if (run_dir / "checkpoints" / LATEST).exists() else []
+    return [
+        sys.executable, "-m", "ctrscale", "train",
+        "--config", str(config_file), "--out", str(run_dir), *resume,
+    ]  # fmt: skip
+
+
 def run_training(
     config: Config, config_file: Path, run_dir: Path, *, resume: bool, nproc: int
 ) -> dict[str, Any]:
     """Train (resuming `run_dir` when asked); the final metrics `train` writes."""
+    # Imported here: the sweep's parent process uses `train_command` and never loads a model.
+    from ctrscale.train.loop import train
+
     if nproc == 1:
         return train(config, run_dir, resume=resume)
     args = ["train", "--config", str(config_file), "--out", str(run_dir)]
@@ -74,6 +86,8 @@ def run_evaluation(
     config: Config, config_file: Path, checkpoint: Path, *, nproc: int
 ) -> dict[str, Any]:
     """Exact metrics of `checkpoint` on `config`'s eval split."""
+    from ctrscale.train.commands import evaluate_checkpoint
+
     if nproc == 1:
         settings = UserSettings(config.model_dump(mode="json", exclude_none=True), str(config_file))
         return evaluate_checkpoint(settings, checkpoint)

@@ -37,7 +37,10 @@ class GhostBatchNorm1d(nn.BatchNorm1d):
                 False, 0.0, self.eps,
             )  # fmt: skip
         self.num_batches_tracked += 1
+        momentum = self.momentum
+        if momentum is None:  # a cumulative average, as nn.BatchNorm1d (SWAP re-estimates so)
+            momentum = 1.0 / float(self.num_batches_tracked)
         return F.batch_norm(
             chunk, self.running_mean, self.running_var, self.weight, self.bias,
-            True, self.momentum, self.eps,
+            True, momentum, self.eps,
         )  # fmt: skip

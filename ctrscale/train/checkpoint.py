@@ -304,9 +304,20 @@ class Checkpointer:
         self.loader.load_state_dict(state["loader"])
         return Progress(step=state["step"], epoch=state["epoch"], rows_seen=state["rows_seen"])
 
-    def warm_start(self, source: str | Path, with_optimizer: bool) -> None:
-        """Start from another run's model (and optimizer state): step and data start fresh."""
-        load_into(self.trainer, resolve_checkpoint(source), with_optimizer)
+    def warm_start(
+        self, source: str | Path, with_optimizer: bool, continue_data: bool, steps_per_epoch: int
+    ) -> Progress:
+        """Start from another run's model (and optimizer state). Step and data start fresh, or
+        with `continue_data` at the row where the source stopped reading, the step count
+        continuing as if this run had trained those rows at its own batch size."""
+        state = load_into(self.trainer, resolve_checkpoint(source), with_optimizer)
+        if not continue_data:
+            return Progress()
+        self.loader.continue_from(state["loader"])
+        cursor = self.loader.state_dict()
+        step = cursor["epoch"] * steps_per_epoch + cursor["batches_done"]
+        rows = step * self.trainer.config.data.batch_size
+        return Progress(step=step, epoch=cursor["epoch"], rows_seen=rows)
 
     def after_step(self, progress: Progress) -> None:
         if self.every and progress.step % self.every == 0:

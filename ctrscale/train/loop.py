@@ -72,7 +72,7 @@ def _train(config: Config, out_dir: Path, ctx: DistContext, resume: bool) -> dic
     checkpointer = Checkpointer(
         out_dir / "checkpoints", config.train.checkpoint_every_steps, trainer, train_loader
     )
-    progress = start(checkpointer, config, resume)
+    progress = start(checkpointer, config, resume, steps_per_epoch)
     if resume and progress.step >= total_steps and (out_dir / METRICS_JSON).exists():
         # Resuming a finished run changes nothing.
         print(f"{out_dir} finished at step {progress.step}; nothing to resume", file=sys.stderr)
@@ -109,6 +109,9 @@ def _train(config: Config, out_dir: Path, ctx: DistContext, resume: bool) -> dic
             loss_sum = trainer.step(batch, global_rows, progress.step)
             progress.advance(global_rows)
             window.after_step(progress.step, progress.epoch, loss_sum, global_rows, trainer)
+            if window.loss_below(config.train.stop_below_loss):
+                log.message(f"training loss below {config.train.stop_below_loss}: stopping")
+                break
             with window.paused():
                 evaluator.after_step(trainer.dmp, progress.step, progress.epoch)
                 checkpointer.after_step(progress)
@@ -137,9 +140,11 @@ def make_loaders(config: Config, ctx: DistContext) -> tuple[ParquetBatchLoader, 
             f"{ctx.world_size} (each rank takes an equal slice of every global batch)"
         )
     seed = config.train.seed
-    start = data.ramp_from_batch_size or data.batch_size  # a ramp joins loader batches
+    # A ramp joins loader batches; a shard is one slice of shard_count × the batch.
+    start = (data.ramp_from_batch_size or data.batch_size) * data.shard_count
+    rank = data.shard_index * ctx.world_size + ctx.rank
     train_loader = ParquetBatchLoader.from_config(
-        data, "train", ctx.rank, ctx.world_size, seed=seed, batch_size=start
+        data, "train", rank, data.shard_count * ctx.world_size, seed=seed, batch_size=start
     )
     evaluation = ParquetBatchLoader.from_config(
         data,
@@ -224,7 +229,9 @@ def _usable_out_dir(out_dir: Path) -> None:
         raise CtrscaleError(f"--out {out_dir}: not writable by this user")
 
 
-def start(checkpointer: Checkpointer, config: Config, resume: bool) -> Progress:
+def start(
+    checkpointer: Checkpointer, config: Config, resume: bool, steps_per_epoch: int
+) -> Progress:
     """Where the run begins: its own latest checkpoint (`--resume`), a warm start, or step 0."""
     if not resume and checkpointer.has_checkpoint():
         raise CtrscaleError(
@@ -238,8 +245,12 @@ def start(checkpointer: Checkpointer, config: Config, resume: bool) -> Progress:
                 f"--resume: {checkpointer.directory} holds no checkpoint to continue from"
             )
         return progress
-    if config.train.warm_start:
-        checkpointer.warm_start(config.train.warm_start, config.train.warm_start_optimizer)
+    train = config.train
+    if train.warm_start:
+        return checkpointer.warm_start(
+            train.warm_start, train.warm_start_optimizer, train.warm_start_continue_data,
+            steps_per_epoch,
+        )  # fmt: skip
     return Progress()
 
 

@@ -114,6 +114,7 @@ class TrainingWindow:
         self.device = device
         self.train_seconds = 0.0
         self.trained_rows = 0  # by this process: a resumed run's rows/s is its own
+        self.last_loss = math.inf  # of the last record
         self._reset()
 
     def _reset(self) -> None:
@@ -142,6 +143,7 @@ class TrainingWindow:
         if seen:  # the share of the window's (id, step) pairs whose gradient CowClip shrank
             values["cowclip_clipped_fraction"] = clipped / seen
         self.log.record("train", step, values)
+        self.last_loss = loss
         if not math.isfinite(loss):
             raise TrainingDiverged(
                 f"the training loss became {loss} between steps {step - self.steps + 1} and "
@@ -152,6 +154,10 @@ class TrainingWindow:
         self.train_seconds += seconds
         self.trained_rows += self.rows
         self._reset()
+
+    def loss_below(self, threshold: float | None) -> bool:
+        """Whether the last record's mean training loss is below `threshold` (if any)."""
+        return threshold is not None and self.last_loss < threshold
 
     def rows_per_s(self) -> float:
         """Global rows per second of training time over this process's recorded windows."""

@@ -12,22 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from runner import run_ctrscale, tiny_overrides, train_args
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from runner import final_parameters, metrics, run_ctrscale, tiny_overrides, train_args
 
 from ctrscale.config import load_config
 from ctrscale.distributed.context import child_environment
-
-
-def metrics(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
-
-
-def final_parameters(out: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
-    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
-    flat = tmp_path / f"{out.name}.pt"
-    dcp_to_torch_save(latest, flat)
-    return torch.load(flat, weights_only=False)["model"]
 
 
 def test_train_writes_metrics_config_and_logs(tiny_dataset, tmp_path):

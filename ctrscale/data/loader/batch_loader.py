@@ -253,6 +253,19 @@ class ParquetBatchLoader:
         self.seed = int(state["seed"])
         self._epoch, self._batches_done = epoch, done
 
+    def continue_from(self, state: dict[str, int]) -> None:
+        """Position the cursor at the row where another loader's state stopped (same data and
+        seed, any batch size that divides the rows it had read of its epoch)."""
+        rows = int(state["batches_done"]) * int(state["batch_size"])
+        done, remainder = divmod(rows, self.batch_size)
+        if remainder:
+            raise CtrscaleError(
+                f"the checkpoint's loader stopped after {rows:,} rows of epoch {state['epoch']}, "
+                f"not a multiple of this run's global batch of {self.batch_size:,} rows "
+                "(data.batch_size × data.shard_count): choose batch sizes that divide it"
+            )
+        self.load_state_dict({"epoch": state["epoch"], "batches_done": done, "seed": state["seed"]})
+
     # -- iteration -------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Batch]:
