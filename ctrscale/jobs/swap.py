@@ -196,9 +196,7 @@ def average_replicas(
     if ctx.world_size != 1:
         raise CtrscaleError("`ctrscale swap` runs in one process (it launches its own phases)")
     train_loader, eval_loader = make_loaders(config, ctx)
-    trainer = build_trainer(
-        config, ctx, train_loader.table_sizes, steps_per_epoch=1, total_steps=1
-    )
+    trainer = build_trainer(config, ctx, train_loader.table_sizes, steps_per_epoch=1, total_steps=1)
     touches = None
     if config.swap.average == SwapAverage.TOUCH_WEIGHTED:
         touches = replica_touches(replicas[0], replica_dirs[0], phase1_dir)
