@@ -59,9 +59,14 @@ def metrics(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def final_parameters(out: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
-    """The model of a run's latest checkpoint as plain tensors."""
+def checkpoint_tensors(out: Path, tmp_path: Path) -> dict:
+    """Everything a run's latest checkpoint holds (model and optimizer state) as plain tensors."""
     latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     flat = tmp_path / f"{out.parent.name}-{out.name}.pt"
     dcp_to_torch_save(latest, flat)
-    return torch.load(flat, weights_only=False)["model"]
+    return torch.load(flat, weights_only=False)
+
+
+def final_parameters(out: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The model of a run's latest checkpoint as plain tensors."""
+    return checkpoint_tensors(out, tmp_path)["model"]

@@ -109,3 +109,45 @@ def test_every_row_at_once_equals_all_rows_listed(name):
 
 def test_every_configured_name_has_one_class():
     assert set(OPTIMIZERS) == set(EmbeddingOptimizerName)
+
+
+class FbgemmIterCounter(torch.nn.Module):
+    """FBGEMM 1.8's step counter as its TBE forward keeps it (read in
+    split_table_batched_embeddings_ops_training.py; its CPU TBE has no Adam to run): `iter_cpu`
+    is synced from the `iter` buffer while 0, then both advance on every forward, evaluation
+    included. `t` is what the fused kernel's bias correction would use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("iter", torch.zeros(1, dtype=torch.int64))
+        self.iter_cpu = torch.zeros(1, dtype=torch.int64)
+        self.t: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.iter_cpu.item() == 0:
+            self.iter_cpu.fill_(self.iter.item())
+        self.t.append(int(self.iter_cpu.add_(1).item()))
+        self.iter.add_(1)
+        return x
+
+
+def test_the_fused_adam_kernel_counts_the_steps_the_row_form_counts():
+    """Evaluation forwards and a restart (a fresh TBE, `steps` from a checkpoint) must not
+    change the t of FBGEMM's bias correction: it stays the row form's, steps + 1."""
+    adam = build_embedding_optimizer(EmbeddingOptimConfig(name="adam"))
+    tbe = FbgemmIterCounter()
+    adam.keep_fused_step_count(tbe)
+    x = torch.ones(1, requires_grad=True)
+    for _ in range(2):
+        tbe(x)
+        adam.begin_step()
+    with torch.no_grad():
+        tbe.eval()(x)  # evaluation: FBGEMM advances its counter
+    tbe.train()(x)
+    adam.begin_step()
+    assert tbe.t[:2] + tbe.t[3:] == [1, 2, 3] == [1, 2, int(adam.steps)]
+
+    restarted = FbgemmIterCounter()  # a resumed run: new TBE, `steps` loaded in place
+    adam.keep_fused_step_count(restarted)
+    restarted(x)
+    assert restarted.t == [4]

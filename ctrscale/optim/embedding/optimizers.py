@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from torch import Tensor
+from torch import Tensor, nn
 
 from ctrscale.choices import EmbeddingOptimizerName
 from ctrscale.config import EmbeddingOptimConfig
@@ -42,6 +42,11 @@ class EmbeddingOptimizer(ABC):
     state_names: ClassVar[tuple[str, ...]] = ()
     # FBGEMM kernel applying the same update inside the backward, by device type.
     fused_kernels: ClassVar[Mapping[str, EmbOptimType]] = MappingProxyType({})
+    # Whether the update depends on the step count (bias correction).
+    counts_steps: ClassVar[bool] = False
+    # The row form's names of FBGEMM's element-wise state of the fused kernel, in the order of
+    # `split_optimizer_states()`; None where FBGEMM's state has another shape (row-wise).
+    fused_state_names: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, config: EmbeddingOptimConfig) -> None:
         self.config = config
@@ -70,6 +75,25 @@ class EmbeddingOptimizer(ABC):
 
     def begin_step(self) -> None:
         self.steps += 1
+
+    def keep_fused_step_count(self, tbe: nn.Module) -> None:
+        """Make FBGEMM's fused kernel count steps as `apply` does. It takes bias correction's t
+        from the TBE's own `iter`, which every forward advances — evaluation included — and
+        which TorchRec's state dict does not hold, so a resumed run would restart at t = 1
+        (FBGEMM 1.8 `SplitTableBatchedEmbeddingBagsCodegen.forward`: `iter_cpu` is synced from
+        `iter` while 0, then both are incremented). Before each training forward both are set
+        to `steps`, which checkpoints hold; the forward's increment then gives t = steps + 1,
+        the t `apply` uses after `begin_step`. Host-side values only: no device sync."""
+        if not self.counts_steps:
+            return
+        steps = self.steps
+
+        def before_training_forward(module: nn.Module, args: tuple) -> None:
+            if module.training and torch.is_grad_enabled():
+                module.iter_cpu.fill_(int(steps))
+                module.iter.fill_(int(steps))
+
+        tbe.register_forward_pre_hook(before_training_forward)
 
     @abstractmethod
     def apply(self, weight: Tensor, state: State, rows: Tensor | None, grad: Tensor) -> None:
@@ -114,6 +138,7 @@ class Adagrad(EmbeddingOptimizer):
     fused_kernels = MappingProxyType(
         {"cpu": EmbOptimType.EXACT_ADAGRAD, "cuda": EmbOptimType.EXACT_ADAGRAD}
     )
+    fused_state_names = ("sum",)  # momentum1
 
     def fused_args(self) -> dict[str, Any]:
         return {**super().fused_args(), "eps": self.config.eps}
@@ -162,6 +187,8 @@ class Adam(EmbeddingOptimizer):
     name = EmbeddingOptimizerName.ADAM
     state_names = ("exp_avg", "exp_avg_sq")
     fused_kernels = MappingProxyType({"cuda": EmbOptimType.ADAM})
+    counts_steps = True
+    fused_state_names = ("exp_avg", "exp_avg_sq")  # momentum1, momentum2
 
     def fused_args(self) -> dict[str, Any]:
         beta1, beta2 = self.config.betas

@@ -58,6 +58,7 @@ from ctrscale.optim.embedding.layout import (
     fused_tbe,
     is_replicated,
     replicated_tables,
+    shard_key,
     sharded_like_weights,
     split_clipped_tables,
 )
@@ -149,10 +150,24 @@ class EmbeddingUpdate:
             # collectives on the default group.
             self._column_group = dist.new_group(backend=dist.get_backend())
         for emb, sharding_type in found:
+            if self.path == UpdatePath.FUSED and not is_replicated(sharding_type):
+                self.optimizer.keep_fused_step_count(emb.emb_module)
+                self._share_fused_state(emb)
             if is_replicated(sharding_type):
                 self._attach_replicated(emb)
             elif self.path == UpdatePath.ROW or self.rule.active:
                 self._attach_fused(emb)
+
+    def _share_fused_state(self, emb: nn.Module) -> None:
+        """FBGEMM's element-wise optimizer state as the row form's state: one checkpoint layout
+        on both paths, so a model moves between GPU (fused Adam) and CPU (row-form Adam) and
+        between lazy and dense semantics with its optimizer state."""
+        names = self.optimizer.fused_state_names
+        if names is None:
+            return
+        states = emb.emb_module.split_optimizer_states()
+        for table, views in zip(emb.config.embedding_tables, states, strict=True):
+            self.shard_states[shard_key(table)] = dict(zip(names, views, strict=True))
 
     def _zeta(self, dim: int) -> float:
         return clip_floor(self.cowclip, dim)
@@ -294,7 +309,7 @@ class EmbeddingUpdate:
         tensors: dict[str, Any] = {"steps": self.optimizer.steps}
         if self.shard_states:
             tensors["rows"] = sharded_like_weights(model_state, self.shard_states)
-        if self.path == UpdatePath.FUSED:
+        if self.path == UpdatePath.FUSED and self.optimizer.fused_state_names is None:
             tensors["fused"] = fused_optimizer.state_dict()
         return tensors
 
