@@ -97,7 +97,7 @@ def evaluate(
     for batch in batches:
         if frequency is not None:
             buckets.append(frequency.buckets(batch.sparse_features).to(device))
-        batch = batch.to(device)
+        batch = batch.to(device, non_blocking=True)  # from pinned memory on CUDA
         logits.append(model(batch.dense_features, batch.sparse_features).float().flatten())
         labels.append(batch.labels.float().flatten())
         extras = getattr(batch, "extras", None) or {}

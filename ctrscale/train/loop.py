@@ -31,7 +31,7 @@ from ctrscale.config import (
 )
 from ctrscale.data.loader import ParquetBatchLoader
 from ctrscale.data.schema import TRUE_PROBABILITY
-from ctrscale.distributed.context import DistContext, global_sum, init_distributed
+from ctrscale.distributed.context import DistContext, init_distributed
 from ctrscale.errors import CtrscaleError
 from ctrscale.files import finite_or_none, write_json_atomic, write_text_atomic
 from ctrscale.locking import ExclusiveLock
@@ -157,6 +157,7 @@ def make_loaders(config: Config, ctx: DistContext) -> tuple[ParquetBatchLoader, 
         extra_columns=(TRUE_PROBABILITY,) if train_loader.has_column(TRUE_PROBABILITY) else (),
     )
     check_ids_fit(evaluation, train_loader.table_sizes, "the training data's tables")
+    train_loader.pin_memory = evaluation.pin_memory = ctx.device.type == "cuda"
     return train_loader, evaluation
 
 
@@ -280,30 +281,33 @@ def batches(
     """This rank's batches on the device with the global batch's row count, epoch after epoch
     from where `progress` stands (a resumed loader continues its epoch), until `total_steps`."""
     ramp = Ramp.of(config.data)
+    # This run's ranks among the loader's (a shard is one slice of shard_count × the batch).
+    ranks = range(
+        config.data.shard_index * ctx.world_size, (config.data.shard_index + 1) * ctx.world_size
+    )
     resumed_mid_epoch = progress.step > 0
     while progress.step < total_steps:
         if not resumed_mid_epoch:
             loader.set_epoch(progress.epoch)
         resumed_mid_epoch = False
         pending: list[Batch] = []
+        rows = 0
         for batch in loader:
             pending.append(batch)
+            rows += loader.rows_of(loader.state_dict()["batches_done"] - 1, ranks)
             if ramp is not None and len(pending) < ramp.joined(progress.step):
                 continue
-            yield _on_device(join(pending), config, ctx)
-            pending = []
+            yield _on_device(join(pending), ctx), rows
+            pending, rows = [], 0
             if progress.step >= total_steps:
                 return
         if pending:  # the epoch's last, smaller ramp step
-            yield _on_device(join(pending), config, ctx)
+            yield _on_device(join(pending), ctx), rows
         progress.epoch += 1
 
 
-def _on_device(batch: Batch, config: Config, ctx: DistContext) -> tuple[Batch, int]:
-    batch = batch.to(ctx.device)
-    if config.data.drop_last and config.data.ramp_from_batch_size is None:
-        return batch, config.data.batch_size
-    return batch, int(global_sum([batch.labels.numel()], ctx.device)[0])
+def _on_device(batch: Batch, ctx: DistContext) -> Batch:
+    return batch.to(ctx.device, non_blocking=True)  # from pinned memory on CUDA
 
 
 def id_frequency(

@@ -435,6 +435,37 @@ def test_prefetch_and_synchronous_reads_agree(dataset: Path) -> None:
     )
 
 
+def test_batches_for_a_gpu_are_pinned_in_the_prefetch_thread(dataset: Path, monkeypatch) -> None:
+    """On CUDA the trainer asks for page-locked batches (for non-blocking copies); pinning
+    happens off the training thread. A CPU-only torch cannot pin, so `pin_memory` is observed
+    here: it runs in the prefetch thread, once per batch, and the batches are unchanged."""
+    threads = []
+
+    def pin(batch):
+        threads.append(threading.current_thread().name)
+        return batch
+
+    monkeypatch.setattr(Batch, "pin_memory", pin)
+    monkeypatch.setattr(BatchWithExtras, "pin_memory", pin)
+    plain = epoch_rows(loader(dataset, 8, prefetch_batches=2))
+    pinned_loader = loader(dataset, 8, prefetch_batches=2)
+    pinned_loader.pin_memory = True
+    assert epoch_rows(pinned_loader) == plain
+    assert threads == ["ctrscale-prefetch"] * len(plain)
+
+
+def test_each_ranks_rows_of_a_batch_are_known_without_a_collective(dataset: Path) -> None:
+    """`rows_of` gives, on the host, what each rank's slice holds — also for the short last
+    batch when it is kept — so a step's global row count needs no all-reduce."""
+    loaders = [loader(dataset, 8, rank=r, world_size=2, drop_last=False) for r in range(2)]
+    sizes = [[b.labels.numel() for b in ld] for ld in loaders]
+    assert sizes[0][-1] != sizes[1][-1]  # a short, odd last batch: the ranks' shares differ
+    for index in range(loaders[0].num_batches()):
+        for rank in range(2):
+            assert loaders[0].rows_of(index, range(rank, rank + 1)) == sizes[rank][index]
+        assert loaders[0].rows_of(index, range(2)) == sizes[0][index] + sizes[1][index]
+
+
 def test_has_column_reports_optional_columns(dataset: Path) -> None:
     ld = loader(dataset, 8)
     assert ld.has_column(schema.TRUE_PROBABILITY) and not ld.has_column("q")

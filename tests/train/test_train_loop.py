@@ -107,6 +107,9 @@ def test_data_parallel_tables_follow_the_embedding_optimizer(tiny_dataset, tmp_p
         # and a ramp joining loader batches on every rank alike.
         ("table_wise", "discard"),
         ("table_wise", "ramp"),
+        # DLRM with CowClip on column-split tables: every rank issues the one column-norm
+        # all-reduce per step, also a rank that holds no split table (a mismatch deadlocks).
+        ("column_wise", "dlrm_cowclip"),
     ],
 )
 def test_two_processes_match_one_process(tiny_dataset, tmp_path, sharding, transform):
@@ -146,6 +149,13 @@ def dense_method(method: str) -> dict:
     sgd = {"optim.dense.name": "sgd", "optim.dense.lr": 0.05}
     if method == "discard":
         return {**sgd, "train.discard_fraction": 0.25}
+    if method == "dlrm_cowclip":
+        return {
+            **sgd,
+            "model.name": "dlrm",
+            "optim.cowclip.mode": "paper",
+            "optim.embedding.l2": 1e-4,
+        }
     if method == "ramp":
         return {**sgd, "data.ramp_from_batch_size": 512, "data.ramp_steps": 4}
     if method in ("none", "gsnr", "past_extrapolation", "extrapolation"):

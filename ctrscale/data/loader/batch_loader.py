@@ -95,6 +95,8 @@ class ParquetBatchLoader:
         self.shuffle_buffer_rows = shuffle_buffer_rows
         self.drop_last = drop_last
         self.prefetch_batches = prefetch_batches
+        # Page-locked batches for an asynchronous copy to a GPU (set by the trainer on CUDA).
+        self.pin_memory = False
         self.split = split
         self.holdout_fraction = holdout_fraction
         self.holdout_seed = holdout_seed
@@ -214,6 +216,12 @@ class ParquetBatchLoader:
         full, remainder = divmod(self.num_rows, self.batch_size)
         return full + (1 if remainder and not self.drop_last else 0)
 
+    def rows_of(self, index: int, ranks: range) -> int:
+        """Rows the `ranks` (of this loader's world) get of global batch `index` of an epoch —
+        host arithmetic on the same slicing as `_batches`, so no collective is needed."""
+        size = min(self.batch_size, self.num_rows - index * self.batch_size)
+        return ranks.stop * size // self.world_size - ranks.start * size // self.world_size
+
     def __len__(self) -> int:
         return self.num_batches()
 
@@ -281,6 +289,8 @@ class ParquetBatchLoader:
 
     def _iterate(self, epoch: int, first: int) -> Generator[Batch, None, None]:
         batches = self._batches(epoch, first)
+        if self.pin_memory:
+            batches = _pinned(batches)
         if self.prefetch_batches:
             batches = prefetched(batches, self.prefetch_batches)
         try:
@@ -309,3 +319,14 @@ class ParquetBatchLoader:
         if self._kept_counts is None:
             self._kept_counts = self._holdout.kept_counts(self._row_groups)
         return self._kept_counts
+
+
+def _pinned(batches: Generator[Batch, None, None]) -> Generator[Batch, None, None]:
+    """Page-locked copies, made where the batches are made (the prefetch thread), so the
+    training thread's `.to(cuda, non_blocking=True)` returns at once and the copy overlaps the
+    previous step; a copy also releases the shared decode buffers straight away."""
+    try:
+        for batch in batches:
+            yield batch.pin_memory()
+    finally:
+        batches.close()

@@ -21,6 +21,7 @@ rewritten after the backward on their all-reduced `.grad`, with all-reduced coun
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 
 import torch
@@ -152,8 +153,8 @@ def group_lookups(
     grad_block = columns(grad, group, batch)
     if sample.numel() == present.numel():
         per_sample = grad_block.reshape(sample.numel(), -1)
-    else:
-        per_sample = grad_block[present]
+    else:  # integer indices, in the mask's order: a boolean mask would wait for the device
+        per_sample = grad_block[sample, slot]
     at = segments.representative
     weight = columns(rows, group, batch)[sample[at], slot[at]]  # a lookup's output row is w
     return Lookups(group, present, slot, sample, segments, per_sample, weight)
@@ -264,17 +265,19 @@ def flat_elements(part: GroupRows) -> Tensor:
 
 
 def replicated_counts(tables: ReplicatedTables, indices: Tensor, offsets: Tensor) -> Tensor:
-    """Local id counts of every table of a data-parallel TBE, concatenated in table order."""
-    batch = (offsets.numel() - 1) // len(tables.features)
+    """Local id counts of every table of a data-parallel TBE, concatenated in table order: one
+    bincount for all tables, so the host waits for the device a fixed number of times per step
+    however many tables there are."""
+    sizes = [table.num_embeddings for table, _ in tables.features]
+    batch = (offsets.numel() - 1) // len(sizes)
     lengths = offsets.diff()
-    counts = []
-    for index, (table, _) in enumerate(tables.features):
-        bags = slice(index * batch, (index + 1) * batch)
-        if bool((lengths[bags] > 1).any()):
-            raise CtrscaleError(MULTI_VALUED.format(table=table.name))
-        local_ids = indices[offsets[bags][lengths[bags].nonzero().squeeze(1)]]
-        counts.append(torch.bincount(local_ids, minlength=table.num_embeddings))
-    return torch.cat(counts)
+    if bool((lengths > 1).any()):
+        first = int((lengths > 1).nonzero()[0, 0]) // batch
+        raise CtrscaleError(MULTI_VALUED.format(table=tables.features[first][0].name))
+    bags = lengths.nonzero().squeeze(1)  # an empty bag (a missing value) looks nothing up
+    table_starts = torch.tensor([0, *itertools.accumulate(sizes)][:-1]).to(indices.device)
+    keys = indices[offsets[bags]] + table_starts[bags // batch]
+    return torch.bincount(keys, minlength=sum(sizes))
 
 
 @torch.no_grad()
@@ -292,12 +295,12 @@ def rewrite_replicated(
     # Replicated tables are small (that is why they are replicated): per-table dense work
     # on their full gradient is what data-parallel costs anyway.
     updates, start = [], 0
-    for index, shard in enumerate(tables.shards):
+    rows_per_table = _rows_per_table(tables, counts)
+    for index, (shard, rows) in enumerate(zip(tables.shards, rows_per_table, strict=True)):
         parameter = shard.weight
         grad, weight = parameter.grad, parameter.detach()
         table_counts = counts[start : start + weight.shape[0]]
         start += weight.shape[0]
-        rows = table_counts.nonzero().squeeze(1)
         if rule.l2 > 0:
             if dense:
                 grad.add_(weight, alpha=2.0 * rule.l2)
@@ -318,3 +321,15 @@ def rewrite_replicated(
         # After the loop: the tables' `.grad`s are views of one TBE gradient that this clears.
         shard.weight.grad = None
     return updates
+
+
+def _rows_per_table(tables: ReplicatedTables, counts: Tensor) -> list[Tensor]:
+    """Each table's looked-up rows (local indices) from the concatenated counts, with two
+    host waits in all (the nonzero and the split sizes) instead of one per table."""
+    sizes = [shard.weight.shape[0] for shard in tables.shards]
+    looked_up = counts.nonzero().squeeze(1)
+    ends = torch.tensor(list(itertools.accumulate(sizes))).to(counts.device)
+    table = torch.bucketize(looked_up, ends, right=True)
+    per_table = torch.bincount(table, minlength=len(sizes)).tolist()
+    starts = [0, *itertools.accumulate(sizes)][:-1]
+    return [rows - start for rows, start in zip(looked_up.split(per_table), starts, strict=True)]
