@@ -87,6 +87,12 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace day partitions that already exist"
     )
+    p.add_argument(
+        "--short-lines",
+        action="store_true",
+        help="accept lines with fewer than 40 fields, their missing trailing fields empty (for "
+        "files whose trailing tabs were stripped); by default they are rejected as too_few_fields",
+    )
     p.set_defaults(run=_lazy("ctrscale.data.prepare:run_cli"))
 
 

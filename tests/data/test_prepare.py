@@ -134,7 +134,7 @@ def test_cli_prepares_the_sample_and_reports_bad_data(
     assert "100 rows in, 100 out, 0 rejected" in capsys.readouterr().out
     assert (out / "day=3" / "part-00000.parquet").exists()
 
-    bad = write_lines(tmp_path / "bad.tsv", ["2\t1"])
+    bad = write_lines(tmp_path / "bad.tsv", ["2\t1" + "\t" * 38])
     assert main(["prepare", str(bad), "--out", str(out), "--day", "4"]) == 2  # bad input
     err = capsys.readouterr().err
     assert "bad.tsv: 1 of 1 rows rejected" in err and "first bad line 1: bad_label" in err
@@ -153,6 +153,7 @@ def test_each_bad_row_kind_is_rejected_counted_and_logged(
 
     bad = {
         "too_many_fields": ("\t".join([*good, "00000000"]), None),
+        "too_few_fields": ("\t".join(good[:20]), None),  # a line cut to 20 fields
         "empty_line": ("", None),
         "bad_label": (with_field(0, "2"), "label"),
         "bad_integer": (with_field(3, "1.5"), "I3"),
@@ -169,6 +170,8 @@ def test_each_bad_row_kind_is_rejected_counted_and_logged(
         with_field(19, "é1234567"),  # non-ASCII: shown as '?' per byte
         with_field(5, "\x01"),  # the byte polars' line framing uses as separator
         "\t".join([*good, ""]),  # 41 fields, the extra one empty
+        "1\t5\t00000000",  # 3 fields
+        "0",  # the label alone
     ]
     lines = list(good_lines)
     bad_line_numbers = {}
@@ -185,11 +188,12 @@ def test_each_bad_row_kind_is_rejected_counted_and_logged(
     assert summary["rejected_by_reason"] == {
         "empty_line": 1,
         "too_many_fields": 2,
+        "too_few_fields": 3,
         "bad_label": 2,
         "bad_integer": 3,
         "bad_categorical": 7,
     }
-    assert summary["rows_in"] == len(lines) and summary["rows_out"] == len(lines) - 15
+    assert summary["rows_in"] == len(lines) and summary["rows_out"] == len(lines) - 18
     valid = [
         line for line in lines if line not in more_bad and line not in {b for b, _ in bad.values()}
     ]
@@ -198,18 +202,20 @@ def test_each_bad_row_kind_is_rejected_counted_and_logged(
     logged = (out / "rejects" / "day=0.tsv").read_text().splitlines()
     assert logged[0] == "file\tline\treason\tcolumn\tvalue"
     records = [row.split("\t") for row in logged[1:]]
-    assert len(records) == 15
+    assert len(records) == 18
     for reason, (_, column) in bad.items():
         record = next(r for r in records if r[1] == str(bad_line_numbers[reason]))
         assert record[0] == str(source) and record[2] == reason
         assert record[3] == (column or "")
     assert ["bad_categorical", "C2", "+1234567"] in [r[2:] for r in records]
     assert ["too_many_fields", "", "41 fields"] in [r[2:] for r in records]
+    assert ["too_few_fields", "", "3 fields"] in [r[2:] for r in records]
+    assert ["too_few_fields", "", "1 fields"] in [r[2:] for r in records]
     assert ["bad_categorical", "C6", "??1234567"] in [r[2:] for r in records]
     assert ["bad_integer", "I5", "?"] in [r[2:] for r in records]
 
 
-def test_stripped_trailing_tabs_crlf_and_missing_final_newline_parse(
+def test_stripped_trailing_tabs_are_accepted_when_asked_crlf_and_no_final_newline_parse(
     good_lines: list[str], tmp_path: Path
 ) -> None:
     sparse_tail = [line.split("\t")[:30] + [""] * 10 for line in good_lines[:20]]
@@ -220,12 +226,13 @@ def test_stripped_trailing_tabs_crlf_and_missing_final_newline_parse(
     assert any(len(line.split("\t")) < 40 for line in stripped)
 
     prepare_files([write_lines(tmp_path / "kept.tsv", kept)], tmp_path / "a")
-    prepare_files(
-        [write_lines(tmp_path / "stripped.tsv", stripped, final_newline=False)], tmp_path / "b"
-    )
+    stripped_file = write_lines(tmp_path / "stripped.tsv", stripped, final_newline=False)
+    with pytest.raises(DataError, match="too_few_fields"):  # by default: cut lines
+        prepare_files([stripped_file], tmp_path / "strict")
+    prepare_files([stripped_file], tmp_path / "b", short_lines=True)
     crlf = tmp_path / "crlf.tsv"
     crlf.write_bytes("\r\n".join(stripped).encode() + b"\r\n")
-    prepare_files([crlf], tmp_path / "c")
+    prepare_files([crlf], tmp_path / "c", short_lines=True)
 
     expected = [expected_log1p_hash(line) for line in kept]
     assert_rows_equal(read_day(tmp_path / "a", 0), expected)
@@ -256,7 +263,8 @@ def test_chunk_boundaries_keep_rows_and_line_numbers(
 
     assert_rows_equal(read_day(tmp_path / "ds", 0), [expected_log1p_hash(x) for x in good_lines])
     logged = (tmp_path / "ds" / "rejects" / "day=0.tsv").read_text().splitlines()
-    assert [row.split("\t")[1:3] for row in logged[1:]] == [["3", "bad_label"], ["46", "bad_label"]]
+    rejected = [row.split("\t")[1:3] for row in logged[1:]]
+    assert rejected == [["3", "too_few_fields"], ["46", "too_few_fields"]]
 
 
 def test_row_groups_and_files_have_the_requested_sizes(
@@ -489,7 +497,7 @@ def test_minmax_is_fitted_once_and_reused(good_lines: list[str], tmp_path: Path)
     assert_rows_equal(read_day(out, 0), [expected(line) for line in good_lines])
 
     above = [["1", "99999", *raw_fields(line)[2:]] for line in good_lines[:5]]
-    later = ["\t".join(fields) for fields in above] + ["0\t-50"]  # above max, below min
+    later = ["\t".join(fields) for fields in above] + ["0\t-50" + "\t" * 38]  # above max, below min
     prepare_files([write_lines(tmp_path / "day_1", later)], out)
     rows = read_day(out, 1)
     assert [row[1] for row in rows] == [1.0] * 5 + [0.0]

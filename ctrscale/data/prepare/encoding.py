@@ -158,6 +158,7 @@ def fit_encoding(
     out_dir: Path,
     max_reject_fraction: float,
     progress: Progress,
+    short_lines: bool = False,
 ) -> Encoding:
     """A new dataset's encoding; min-max and vocabulary need one pass over all inputs."""
     dense_transform = requested.dense_transform or "log1p"
@@ -173,7 +174,7 @@ def fit_encoding(
     dense_range = DenseRange() if dense_transform == "minmax" else None
     counter = VocabCounter() if ids == "vocab" else None
     for source, day in jobs:
-        stats = InputStats(source, day)
+        stats = InputStats(source, day, short_lines)
         for parsed in scan(stats):
             if counter is not None:
                 counter.update(parsed.valid.select(SPARSE_FEATURES))

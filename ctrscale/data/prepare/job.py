@@ -94,10 +94,13 @@ def prepare_files(
     row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
     overwrite: bool = False,
     progress: Progress | None = None,
+    short_lines: bool = False,
 ) -> dict[str, Any]:
     """Convert raw Criteo TSV files into (or onto) the dataset at `out_dir`; the run summary.
 
-    Each input becomes one published `day=N` partition. An existing dataset's encoding
+    Each input becomes one published `day=N` partition. A line with fewer than 40 fields is
+    rejected (`too_few_fields`) unless `short_lines`: then its missing trailing fields are
+    empty (for files whose trailing tabs were stripped). An existing dataset's encoding
     (transform, min/max, hash sizes, vocabulary) is reused; contradicting flags raise
     `CtrscaleError`. Too many bad rows in an input raise `DataError` and publish nothing of it.
     """
@@ -126,7 +129,10 @@ def prepare_files(
         started = time.perf_counter()
         summary: dict[str, Any] = {"out": str(out_dir), "status": "failed", "inputs": []}
         try:
-            _run(jobs, out_dir, requested, max_reject_fraction, row_group_rows, progress, summary)
+            _run(
+                jobs, out_dir, requested, max_reject_fraction, row_group_rows, progress,
+                summary, short_lines,
+            )  # fmt: skip
             summary["status"] = "ok"
         except CtrscaleError as exc:
             summary["error"] = str(exc)
@@ -145,11 +151,14 @@ def _run(
     row_group_rows: int,
     progress: Progress,
     summary: dict[str, Any],
+    short_lines: bool,
 ) -> None:
     meta = _existing_metadata(out_dir)
     if meta is None:
         fit_started = time.perf_counter()
-        encoding = fit_encoding(requested, jobs, out_dir, max_reject_fraction, progress)
+        encoding = fit_encoding(
+            requested, jobs, out_dir, max_reject_fraction, progress, short_lines
+        )
         summary["fit_seconds"] = round(time.perf_counter() - fit_started, 3)
         if encoding.vocabulary is not None:
             encoding.vocabulary.save(out_dir)
@@ -158,7 +167,7 @@ def _run(
         encoding = stored_encoding(out_dir, meta, requested)
     for source, day in jobs:
         progress(f"day {day}: converting {source}")
-        stats = InputStats(source, day)
+        stats = InputStats(source, day, short_lines)
         try:
             convert_day(stats, encoding, out_dir, row_group_rows, max_reject_fraction)
         finally:  # a failed input's counts belong in the summary too
@@ -208,6 +217,7 @@ def run_cli(args: argparse.Namespace) -> int:
         max_reject_fraction=args.max_reject_fraction,
         row_group_rows=args.row_group_rows,
         overwrite=args.overwrite,
+        short_lines=args.short_lines,
         progress=_print_stderr,
     )
     print(

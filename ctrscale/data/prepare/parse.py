@@ -37,6 +37,7 @@ REJECTS_DIR = "rejects"
 REJECT_REASONS = (
     "empty_line",
     "too_many_fields",
+    "too_few_fields",
     "bad_label",
     "bad_integer",
     "bad_categorical",
@@ -161,13 +162,17 @@ def _integer(name: str) -> pl.Expr:
     return pl.col(name).cast(pl.Int64, strict=False)
 
 
-def _problems() -> dict[str, pl.Expr]:
+def _problems(short_lines_ok: bool) -> dict[str, pl.Expr]:
     """Per check, in reporting order, a boolean that is true when the row fails it."""
     checks = {
         "empty_line": pl.col(_RAW).is_null(),
         "too_many_fields": (pl.col(_FIELD_COUNT) > schema.NUM_RAW_FIELDS).fill_null(False),
-        LABEL: pl.col(LABEL).is_in(["0", "1"]).fill_null(False).not_(),
     }
+    if not short_lines_ok:
+        # Criteo writes every field, empty or not: a short line is cut or of another format
+        # (unless the file's trailing empty fields were stripped: `--short-lines`).
+        checks["too_few_fields"] = (pl.col(_FIELD_COUNT) < schema.NUM_RAW_FIELDS).fill_null(False)
+    checks[LABEL] = pl.col(LABEL).is_in(["0", "1"]).fill_null(False).not_()
     for name in DENSE_FEATURES:
         checks[name] = _present(name) & _integer(name).is_null()
     for name in SPARSE_FEATURES:
@@ -196,7 +201,7 @@ def _first_match(cases: list[tuple[pl.Expr, pl.Expr]]) -> pl.Expr:
 
 def _shown_value(check: str) -> pl.Expr:
     """What the rejects file shows for a failed check: the field's text or the field count."""
-    if check == "too_many_fields":
+    if check in ("too_many_fields", "too_few_fields"):
         return pl.format("{} fields", pl.col(_FIELD_COUNT))
     if check in schema.RAW_COLUMNS:
         return pl.col(check).fill_null("").str.slice(0, 80)
@@ -207,9 +212,9 @@ def _column_of(check: str) -> pl.Expr:
     return pl.lit(check if check in schema.RAW_COLUMNS else None, pl.String)
 
 
-def _describe_rejects(bad_rows: pl.DataFrame) -> pl.DataFrame:
+def _describe_rejects(bad_rows: pl.DataFrame, short_lines_ok: bool) -> pl.DataFrame:
     """Line number, reason, and the first offending column and its value, per bad row."""
-    problems = _problems()
+    problems = _problems(short_lines_ok)
 
     def first_failed(describe: Callable[[str], pl.Expr]) -> pl.Expr:
         return _first_match([(failed, describe(check)) for check, failed in problems.items()])
@@ -222,11 +227,12 @@ def _describe_rejects(bad_rows: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def parse_chunk(chunk: bytes, first_line: int) -> ParsedChunk:
-    """Split, validate and type one chunk; `first_line` is the 1-based number of its first line."""
+def parse_chunk(chunk: bytes, first_line: int, short_lines_ok: bool = False) -> ParsedChunk:
+    """Split, validate and type one chunk; `first_line` is the 1-based number of its first line.
+    `short_lines_ok`: a line with fewer than 40 fields has its trailing fields empty."""
     fields = _split_fields(chunk, first_line)
     typed = fields.select(
-        pl.any_horizontal(list(_problems().values())).alias("_bad"),
+        pl.any_horizontal(list(_problems(short_lines_ok).values())).alias("_bad"),
         (pl.col(LABEL) == "1").cast(pl.Int8).alias(LABEL),
         *[_integer(name) for name in DENSE_FEATURES],
         *[pl.col(name).str.to_integer(base=16, strict=False) for name in SPARSE_FEATURES],
@@ -236,7 +242,7 @@ def parse_chunk(chunk: bytes, first_line: int) -> ParsedChunk:
         return ParsedChunk(typed.drop("_bad"), _NO_REJECTS, fields.height)
     return ParsedChunk(
         typed.filter(~bad).drop("_bad"),
-        _describe_rejects(fields.filter(bad)),
+        _describe_rejects(fields.filter(bad), short_lines_ok),
         fields.height,
     )
 
@@ -247,6 +253,7 @@ class InputStats:
 
     source: Path
     day: int
+    short_lines_ok: bool = False
     rows_in: int = 0
     rows_out: int = 0
     positives: int = 0
@@ -285,7 +292,7 @@ def scan(stats: InputStats) -> Iterator[ParsedChunk]:
     """Parse the whole input of `stats`, counting every chunk into it."""
     next_line = 1
     for chunk in _prefetched(_line_chunks(stats.source, CHUNK_BYTES)):
-        parsed = parse_chunk(chunk, next_line)
+        parsed = parse_chunk(chunk, next_line, stats.short_lines_ok)
         next_line += parsed.lines
         stats.add(parsed)
         yield parsed
