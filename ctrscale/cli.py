@@ -119,6 +119,9 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
         help="multiply Criteo Kaggle's per-feature cardinalities (default 0.01)",
     )
     p.add_argument("--first-day", type=int, default=0, help="number of the first day (default 0)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="regenerate days that already exist in --out"
+    )
     p.set_defaults(run=_lazy("ctrscale.data.synth:run_cli"))
 
 

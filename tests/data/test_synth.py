@@ -170,11 +170,17 @@ def test_adding_days_with_another_seed_is_refused(tmp_path: Path) -> None:
         synth.generate(tmp_path, 1_000, seed=2, first_day=1)
 
 
-def test_regenerating_a_day_replaces_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_regenerating_a_day_needs_overwrite_and_then_replaces_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(synth_days, "ROW_GROUPS_PER_FILE", 1)
     synth.generate(tmp_path, 140_000, seed=1, days=2)
     assert len(list((tmp_path / "day=1").iterdir())) == 2
-    meta = synth.generate(tmp_path, 1_000, seed=1, first_day=1)
+    before = files_of(tmp_path / "day=1")
+    with pytest.raises(CtrscaleError, match=r"day=1 \(140,000 rows\): pass --overwrite"):
+        synth.generate(tmp_path, 1_000, seed=1, first_day=1)
+    assert files_of(tmp_path / "day=1") == before  # untouched
+    meta = synth.generate(tmp_path, 1_000, seed=1, first_day=1, overwrite=True)
     assert meta["splits"]["day=1"]["rows"] == 1_000
     assert meta["splits"]["all"]["rows"] == 141_000
     assert sorted(p.name for p in (tmp_path / "day=1").iterdir()) == ["part-00000.parquet"]

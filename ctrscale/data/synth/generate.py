@@ -42,12 +42,13 @@ def generate(
     cardinality_scale: float = 0.01,
     fmt: str = "parquet",
     first_day: int = 0,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write days first_day … first_day+days-1 into out_dir and return the updated metadata.
 
-    Generating into a directory made earlier with the same seed, scale and format adds (or
-    regenerates) days of the same teacher; their entries are merged into metadata.json and
-    "all" is recomputed exactly over every day the directory holds.
+    Generating into a directory made earlier with the same seed, scale and format adds days
+    of the same teacher (or, with `overwrite`, regenerates existing ones); their entries are
+    merged into metadata.json and "all" is recomputed exactly over every day it holds.
     """
     _check_arguments(rows_per_day, days, seed, cardinality_scale, fmt, first_day)
     out = Path(out_dir)
@@ -55,6 +56,13 @@ def generate(
     teacher = build_teacher(seed, cardinality_scale)
     metadata = _metadata_to_extend(out, seed, cardinality_scale, fmt, teacher)
     new_days = range(first_day, first_day + days)
+    existing = [f"day={d}" for d in new_days if f"day={d}" in metadata["splits"]]
+    if existing and not overwrite:
+        rows = ", ".join(f"{name} ({metadata['splits'][name]['rows']:,} rows)" for name in existing)
+        raise CtrscaleError(
+            f"{out} already holds {rows}: pass --overwrite to replace, or --first-day to add "
+            "new days"
+        )
     kept_days = [
         int(split.removeprefix("day="))
         for split in metadata["splits"]
@@ -84,6 +92,7 @@ def run_cli(args: argparse.Namespace) -> int:
         cardinality_scale=args.cardinality_scale,
         fmt=args.format,
         first_day=args.first_day,
+        overwrite=args.overwrite,
     )
     seconds = time.perf_counter() - started
     print(
