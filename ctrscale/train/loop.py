@@ -32,6 +32,7 @@ from ctrscale.config import (
 from ctrscale.data.loader import ParquetBatchLoader
 from ctrscale.data.schema import TRUE_PROBABILITY
 from ctrscale.distributed.context import DistContext, init_distributed
+from ctrscale.distributed.shared_dir import check_shared_directory
 from ctrscale.errors import CtrscaleError
 from ctrscale.files import finite_or_none, write_json_atomic, write_text_atomic
 from ctrscale.locking import ExclusiveLock
@@ -213,6 +214,7 @@ def run_lock(out_dir: Path, ctx: DistContext) -> Iterator[None]:
     if error is not None:
         raise error
     try:
+        check_shared_directory(out_dir, ctx.rank, ctx.world_size)
         yield
     finally:
         if ctx.is_main:
