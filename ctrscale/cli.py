@@ -279,6 +279,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="keep each finished run's final checkpoint (by default deleted to save disk)",
     )
+    auc.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the reports from the runs already finished (the others "
+        "are listed as not run)",
+    )
     auc.set_defaults(run=_lazy("ctrscale.bench.auc_vs_batch:run_cli"))
 
 

@@ -288,7 +288,13 @@ def result_row(cell: Cell, config: Config, run_dir: Path, out: Path) -> dict[str
     return finite_or_none(row)
 
 
-def write_reports(out: Path, sweep: Sweep, rows: list[dict[str, Any]], failed: list[str]) -> str:
+def write_reports(
+    out: Path,
+    sweep: Sweep,
+    rows: list[dict[str, Any]],
+    failed: list[str],
+    not_run: list[str] = (),
+) -> str:
     rules = list(dict.fromkeys(cell.variant.name for cell in sweep.cells))
     batch_sizes = sorted({cell.batch_size for cell in sweep.cells})
     base = sweep.configs[sweep.cells[0]].optim.schedule.base_batch_size
@@ -304,10 +310,13 @@ def write_reports(out: Path, sweep: Sweep, rows: list[dict[str, Any]], failed: l
         "runs": rows,
         "summary": summary,
         "failed": failed,
+        "not_run": list(not_run),
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     write_csv(out / "results.csv", rows)
     table = markdown_table(summary, rules, batch_sizes, base)
+    if not_run:
+        table += f"\nNot run ({len(not_run)}): {', '.join(not_run)}.\n"
     (out / "results.md").write_text(table)
     plot(out / "results.png", summary, rules, batch_sizes, len(payload["seeds"]))
     return table
@@ -321,11 +330,14 @@ def run_cli(args) -> int:
     rows: dict[Cell, dict[str, Any]] = {}
     failed: list[Cell] = []
 
+    not_run: list[Cell] = []
+
     def report(cell: Cell, message: str) -> None:
         done = len(rows) + len(failed)
         say(f"[{done}/{len(sweep.cells)}] {cell.label()}: {message}")
         ordered = [rows[c] for c in sweep.cells if c in rows]
-        write_reports(out, sweep, ordered, [c.label() for c in failed])
+        skipped = [c.label() for c in not_run]
+        write_reports(out, sweep, ordered, [c.label() for c in failed], skipped)
 
     # Every run directory is checked against its config before any run starts.
     config_paths = {
@@ -342,6 +354,13 @@ def run_cli(args) -> int:
             report(cell, "finished earlier, skipped")
         else:
             to_train.append(cell)
+    if args.report_only:
+        not_run.extend(to_train)
+        not_run.extend(c for c, original in sweep.same_as.items() if original in to_train)
+        to_train = []
+        if rows:
+            last = next(reversed(rows))
+            report(last, "reports written from the finished runs")
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         running = {}
         for cell in to_train:

@@ -186,6 +186,14 @@ def test_second_invocation_skips_finished_runs_and_reruns_a_crashed_one(tmp_path
     assert read_results(out)[1]["runs"] == results["runs"]
 
     metrics["sqrt+lamb"].unlink()
+    # --report-only trains nothing and reports the finished run, listing the other as not run.
+    reported = run_ctrscale([*args, "--report-only"])
+    assert "training …" not in reported.stdout
+    rows, results = read_results(out)
+    assert [r["rule"] for r in rows] == ["none"] and results["not_run"] == [
+        "sqrt+lamb batch 2,048 seed 0"
+    ]
+    assert "Not run (1): sqrt+lamb batch 2,048 seed 0." in (out / "results.md").read_text()
     third = run_ctrscale(args)
     assert third.stdout.count("training …") == 1 and "sqrt+lamb batch 2,048" in third.stdout
     assert metrics["none"].stat().st_mtime_ns == stamps["none"]
