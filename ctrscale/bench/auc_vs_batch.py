@@ -219,16 +219,23 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def prepare_run_dir(cell: Cell, config: Config, run_dir: Path) -> Path:
-    """The run's config file; a finished or started run with another config is an error."""
+    """The run's config file; a finished or started run with other settings is an error. The
+    settings are compared, not the text: a field added to ctrscale since (at its default)
+    does not orphan the finished runs of a long sweep."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "run.toml"
-    text = config_to_toml(config)
-    if path.exists() and path.read_text() != text:
-        raise CtrscaleError(
-            f"{run_dir} was run with another config than this sweep's ({cell.label()}); "
-            "choose another --out, or delete that run directory to rerun it"
-        )
-    path.write_text(text)
+    if path.exists():
+        try:
+            recorded = load_config(path)
+        except CtrscaleError:
+            recorded = None
+        if recorded != config:
+            raise CtrscaleError(
+                f"{run_dir} was run with another config than this sweep's ({cell.label()}); "
+                "choose another --out, or delete that run directory to rerun it"
+            )
+        return path
+    path.write_text(config_to_toml(config))
     return path
 
 

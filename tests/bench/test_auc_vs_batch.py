@@ -258,3 +258,21 @@ def test_rules_that_coincide_at_the_base_batch_train_once():
     assert twins == {sqrt: none, linear: none}  # cowclip clips: another run
     without_warmup = {cell: load_config(None, cell.overrides()) for cell in cells}
     assert same_runs(cells, without_warmup) == {}  # the rules' own warm-ups differ
+
+
+def test_a_finished_run_is_matched_by_its_settings_not_the_text_of_its_config(tmp_path):
+    """A field ctrscale gained since a long sweep started (written at its default) keeps the
+    sweep's finished runs; a changed setting is refused."""
+    from ctrscale.bench.auc_vs_batch import Cell, prepare_run_dir
+    from ctrscale.config import load_config
+
+    config = load_config(None, ["data.batch_size=512"])
+    cell = Cell(512, parse_rule("none"), 0)
+    path = prepare_run_dir(cell, config, tmp_path)
+    older = path.read_text().replace("shard_count = 1\n", "")  # as written before the field
+    assert older != path.read_text()
+    path.write_text(older)
+    assert prepare_run_dir(cell, config, tmp_path).read_text() == older  # kept as it was
+    changed = load_config(None, ["data.batch_size=512", "optim.dense.lr=0.5"])
+    with pytest.raises(CtrscaleError, match="was run with another config"):
+        prepare_run_dir(cell, changed, tmp_path)
