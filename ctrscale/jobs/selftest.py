@@ -34,7 +34,7 @@ ROWS = 40_000
 STEPS = 16  # of 2,048 rows (of 36K training rows): a checkpoint at 8 and 16
 
 
-def selftest_settings(base: UserSettings, data_dir: Path) -> dict[str, Any]:
+def selftest_settings(data_dir: Path) -> dict[str, Any]:
     """The self-test's run, laid under the user's `--config`/`--set` (device, backend,
     sharding and model size may be changed; the protocol may not)."""
     return {
@@ -68,19 +68,10 @@ def run_cli(args) -> int:
 
 
 def _config(settings: UserSettings, directory: Path, **train: Any) -> Config:
-    tree = _merge(selftest_settings(settings, directory / "data"), settings.tree)
-    tree["train"].update(train)
-    return build_config(UserSettings(tree, settings.source))
-
-
-def _merge(base: dict, over: dict) -> dict:
-    merged = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+    """The self-test's settings with the user's laid over them, then `train` overrides."""
+    base = build_config(UserSettings(selftest_settings(directory / "data"), "selftest"))
+    config = build_config(settings, base=base)
+    return config.model_copy(update={"train": config.train.model_copy(update=train)})
 
 
 def selftest(settings: UserSettings, directory: Path) -> dict[str, Any]:
