@@ -16,6 +16,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ctrscale.errors import CtrscaleError
+
 
 def fsync_path(path: str | Path) -> None:
     """Flush a file's data, or a directory's entries, to disk."""
@@ -74,3 +76,16 @@ def publish_dir(staging: str | Path, final: str | Path) -> None:
     fsync_path(final.parent)
     if aside is not None:
         shutil.rmtree(aside)
+
+
+def usable_directory(path: Path, name: str) -> None:
+    """Create `path` if needed; a file in the way, a directory that cannot be made or is not
+    writable is a one-line error naming `name` (the option or key that gave it)."""
+    if path.exists() and not path.is_dir():
+        raise CtrscaleError(f"{name} {path}: a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CtrscaleError(f"{name} {path}: cannot create it ({exc.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CtrscaleError(f"{name} {path}: not writable by this user")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -34,7 +33,12 @@ from ctrscale.data.schema import TRUE_PROBABILITY
 from ctrscale.distributed.context import DistContext, init_distributed
 from ctrscale.distributed.shared_dir import check_shared_directory
 from ctrscale.errors import CtrscaleError
-from ctrscale.files import finite_or_none, write_json_atomic, write_text_atomic
+from ctrscale.files import (
+    finite_or_none,
+    usable_directory,
+    write_json_atomic,
+    write_text_atomic,
+)
 from ctrscale.locking import ExclusiveLock
 from ctrscale.optim.scaling import epochs_factor
 from ctrscale.train.checkpoint import (
@@ -203,7 +207,7 @@ def run_lock(out_dir: Path, ctx: DistContext) -> Iterator[None]:
     error = None
     if ctx.is_main:
         try:
-            _usable_out_dir(out_dir)
+            usable_directory(out_dir, "--out")
             lock.__enter__()
         except CtrscaleError as exc:
             error = exc
@@ -219,17 +223,6 @@ def run_lock(out_dir: Path, ctx: DistContext) -> Iterator[None]:
     finally:
         if ctx.is_main:
             lock.__exit__(None, None, None)
-
-
-def _usable_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CtrscaleError(f"--out {out_dir}: a file, not a directory")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CtrscaleError(f"--out {out_dir}: cannot create it ({exc.strerror})") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise CtrscaleError(f"--out {out_dir}: not writable by this user")
 
 
 def start(

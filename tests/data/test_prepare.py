@@ -532,3 +532,32 @@ def test_default_hash_ids_keep_collisions_of_real_values_at_most_one_percent(
         min(c, 10_000_000) + 1 for c in schema.CRITEO_KAGGLE_CARDINALITIES.values()
     )
     assert current / at_cardinality < 1.03
+
+
+def test_sources_are_recorded_absolute_and_an_unusable_out_is_one_line(
+    criteo_sample: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.chdir(criteo_sample.parent)
+    out = tmp_path / "ds"
+    assert main(["prepare", criteo_sample.name, "--out", str(out), "--day", "0"]) == 0
+    metadata = json.loads((out / schema.METADATA_FILE).read_text())
+    assert metadata["days"]["0"]["source"] == str(criteo_sample.resolve())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    capsys.readouterr()
+    assert main(["prepare", criteo_sample.name, "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {blocker}: a file, not a directory" in err and "Traceback" not in err
+
+
+def test_long_inputs_report_progress(
+    good_lines: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(parse, "CHUNK_BYTES", 2000)  # several chunks
+    monkeypatch.setattr(parse, "PROGRESS_SECONDS", 0.0)  # a line after every chunk
+    messages: list[str] = []
+    source = write_lines(tmp_path / "day_0", good_lines)
+    prepare_files([source], tmp_path / "ds", progress=messages.append)
+    read = [m for m in messages if "lines of day_0 read" in m]
+    assert len(read) >= 3
+    assert read[-1] == f"day 0: {len(good_lines):,} lines of day_0 read, 0 rejected"

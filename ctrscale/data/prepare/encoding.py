@@ -186,7 +186,7 @@ def fit_encoding(
     dense_range = DenseRange() if dense_transform == "minmax" else None
     counter = VocabCounter() if ids == "vocab" else None
     for source, day in jobs:
-        stats = InputStats(source, day, short_lines)
+        stats = InputStats(source, day, short_lines, progress)
         for parsed in scan(stats):
             if counter is not None:
                 counter.update(parsed.valid.select(SPARSE_FEATURES))

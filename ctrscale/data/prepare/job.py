@@ -27,7 +27,7 @@ from ctrscale.data.prepare.encoding import (
 from ctrscale.data.prepare.parse import REJECT_REASONS, InputStats
 from ctrscale.data.prepare.writer import TMP_PREFIX, convert_day
 from ctrscale.errors import CtrscaleError
-from ctrscale.files import write_json_atomic
+from ctrscale.files import usable_directory, write_json_atomic
 from ctrscale.locking import ExclusiveLock
 
 DEFAULT_ROW_GROUP_ROWS = 131_072
@@ -105,7 +105,8 @@ def prepare_files(
     `CtrscaleError`. Too many bad rows in an input raise `DataError` and publish nothing of it.
     """
     progress = progress or (lambda _message: None)
-    inputs, out_dir = [Path(path) for path in inputs], Path(out_dir)
+    # Absolute: the summary and metadata.json say where each day came from, from anywhere.
+    inputs, out_dir = [Path(path).resolve() for path in inputs], Path(out_dir)
     requested = Requested(dense_transform, ids, table_size, min_count)
     validate_request(requested)
     if not 0.0 <= max_reject_fraction <= 1.0:
@@ -117,7 +118,7 @@ def prepare_files(
             raise CtrscaleError(f"{path}: no such input file")
     jobs = list(zip(inputs, _assign_days(inputs, days), strict=True))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    usable_directory(out_dir, "--out")
     with ExclusiveLock(out_dir / LOCK_FILE, "another `ctrscale prepare` is writing this dataset"):
         _remove_stale_temp_dirs(out_dir)
         if not overwrite:
@@ -167,7 +168,7 @@ def _run(
         encoding = stored_encoding(out_dir, meta, requested)
     for source, day in jobs:
         progress(f"day {day}: converting {source}")
-        stats = InputStats(source, day, short_lines)
+        stats = InputStats(source, day, short_lines, progress)
         try:
             convert_day(stats, encoding, out_dir, row_group_rows, max_reject_fraction)
         finally:  # a failed input's counts belong in the summary too

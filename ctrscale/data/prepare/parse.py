@@ -14,6 +14,7 @@ reader. Peak memory is a few chunks, independent of the input size.
 from __future__ import annotations
 
 import gzip
+import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator
@@ -32,6 +33,7 @@ from ctrscale.files import write_text_atomic
 CHUNK_BYTES = 8 << 20  # ~35k Criteo lines; larger chunks cost memory, not CPU
 MAX_LINE_BYTES = 1 << 20
 MAX_LOGGED_REJECTS = 1000
+PROGRESS_SECONDS = 30.0  # a line per input at most this often: long inputs show they move
 REJECTS_DIR = "rejects"
 
 REJECT_REASONS = (
@@ -254,6 +256,7 @@ class InputStats:
     source: Path
     day: int
     short_lines_ok: bool = False
+    progress: Callable[[str], None] | None = None
     rows_in: int = 0
     rows_out: int = 0
     positives: int = 0
@@ -290,11 +293,17 @@ class InputStats:
 
 def scan(stats: InputStats) -> Iterator[ParsedChunk]:
     """Parse the whole input of `stats`, counting every chunk into it."""
-    next_line = 1
+    next_line, reported = 1, time.monotonic()
     for chunk in _prefetched(_line_chunks(stats.source, CHUNK_BYTES)):
         parsed = parse_chunk(chunk, next_line, stats.short_lines_ok)
         next_line += parsed.lines
         stats.add(parsed)
+        if stats.progress is not None and time.monotonic() - reported >= PROGRESS_SECONDS:
+            stats.progress(
+                f"day {stats.day}: {stats.rows_in:,} lines of {stats.source.name} read, "
+                f"{stats.rejected_total:,} rejected"
+            )
+            reported = time.monotonic()
         yield parsed
 
 
