@@ -103,6 +103,7 @@ SWAP = {
     "swap.replicas": 2,
     "swap.replica_batch_size": 512,
     "swap.parallel": 2,
+    "swap.phase1_nproc": 2,  # phase 1 under torchrun; the replicas re-shard its checkpoint
     "swap.phase1_fraction": 0.5,
     "swap.bn_batches": 4,
     "model.batch_norm": True,
@@ -121,6 +122,7 @@ def test_swap_trains_replicas_on_the_rest_of_the_data_and_averages_them(tiny_dat
     # Phase 1: half of the 10 steps of 2,048 rows; the replicas then read global batches of
     # 2 × 512 from row 10,240 (batch 10 of 21) to the end of the epoch: 11 steps each.
     assert metrics(out / "phase1")["steps"] == 5
+    assert metrics(out / "phase1")["world_size"] == 2
     assert [r["steps"] for r in summary["replicas"]] == [21, 21]
     lines = (out / "replica-1" / "metrics.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
