@@ -78,6 +78,12 @@ class DataConfig(Section):
     shard_index: Annotated[int, Field(ge=0)] = 0
     shard_count: PositiveInt = 1
 
+    @property
+    def loader_batch_size(self) -> int:
+        """The global batch the loader reads: a ramp's first batch (steps join them), times
+        the shards (a shard is one slice of each)."""
+        return (self.ramp_from_batch_size or self.batch_size) * self.shard_count
+
     @model_validator(mode="after")
     def _shard_in_range(self) -> DataConfig:
         if self.shard_index >= self.shard_count:

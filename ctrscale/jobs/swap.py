@@ -86,7 +86,7 @@ def swap(config: Config, out: Path) -> dict[str, Any]:
 def phase1_config(config: Config) -> Config:
     """The large-batch phase: the run's config, stopped after `phase1_fraction` of its steps."""
     loader = ParquetBatchLoader.from_config(
-        config.data, "train", seed=config.train.seed, batch_size=_loader_batch(config)
+        config.data, "train", seed=config.train.seed, batch_size=config.data.loader_batch_size
     )
     _, total_steps = step_budget(config, loader)
     steps = max(1, round(config.swap.phase1_fraction * total_steps))
@@ -124,10 +124,6 @@ def _with(config: Config, changes: dict[str, dict[str, Any]]) -> Config:
     for section, values in changes.items():
         tree[section].update(values)
     return Config.model_validate(tree)
-
-
-def _loader_batch(config: Config) -> int:
-    return (config.data.ramp_from_batch_size or config.data.batch_size) * config.data.shard_count
 
 
 def _run_phase(config: Config, run_dir: Path, nproc: int) -> None:

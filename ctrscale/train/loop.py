@@ -145,11 +145,11 @@ def make_loaders(config: Config, ctx: DistContext) -> tuple[ParquetBatchLoader, 
             f"{ctx.world_size} (each rank takes an equal slice of every global batch)"
         )
     seed = config.train.seed
-    # A ramp joins loader batches; a shard is one slice of shard_count × the batch.
-    start = (data.ramp_from_batch_size or data.batch_size) * data.shard_count
+    # A shard is one slice of shard_count × the batch: its ranks follow the other shards'.
     rank = data.shard_index * ctx.world_size + ctx.rank
+    world = data.shard_count * ctx.world_size
     train_loader = ParquetBatchLoader.from_config(
-        data, "train", rank, data.shard_count * ctx.world_size, seed=seed, batch_size=start
+        data, "train", rank, world, seed=seed, batch_size=data.loader_batch_size
     )
     evaluation = ParquetBatchLoader.from_config(
         data,
