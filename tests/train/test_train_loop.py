@@ -103,10 +103,9 @@ def test_data_parallel_tables_follow_the_embedding_optimizer(tiny_dataset, tmp_p
         ("table_wise", "sngm"),
         ("table_wise", "mclr"),
         ("table_wise", "novograd"),
-        # Schedules over the global batch: the smallest losses of all ranks' rows together,
-        # and a ramp joining loader batches on every rank alike.
-        ("table_wise", "discard"),
-        ("table_wise", "ramp"),
+        # Schedules over the global batch, in one run: the smallest losses of all ranks' rows
+        # together, and a ramp joining loader batches on every rank alike.
+        ("table_wise", "discard_and_ramp"),
         # DLRM with CowClip on column-split tables: every rank issues the one column-norm
         # all-reduce per step, also a rank that holds no split table (a mismatch deadlocks).
         ("column_wise", "dlrm_cowclip"),
@@ -147,8 +146,9 @@ def test_two_processes_match_one_process(tiny_dataset, tmp_path, sharding, trans
 def dense_method(method: str) -> dict:
     """`none` or a gradient transform or schedule on plain SGD, or a dense optimizer by name."""
     sgd = {"optim.dense.name": "sgd", "optim.dense.lr": 0.05}
-    if method == "discard":
-        return {**sgd, "train.discard_fraction": 0.25}
+    if method == "discard_and_ramp":
+        ramp = {"data.ramp_from_batch_size": 512, "data.ramp_steps": 4}
+        return {**sgd, "train.discard_fraction": 0.25, **ramp}
     if method == "dlrm_cowclip":
         return {
             **sgd,
@@ -156,8 +156,6 @@ def dense_method(method: str) -> dict:
             "optim.cowclip.mode": "paper",
             "optim.embedding.l2": 1e-4,
         }
-    if method == "ramp":
-        return {**sgd, "data.ramp_from_batch_size": 512, "data.ramp_steps": 4}
     if method in ("none", "gsnr", "past_extrapolation", "extrapolation"):
         return {"optim.dense.name": "sgd", "optim.dense.lr": 0.05, "optim.dense.transform": method}
     return {"optim.dense.name": method, "optim.dense.lr": 0.05}
