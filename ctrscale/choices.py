@@ -144,6 +144,18 @@ class DenseTransform(StrEnum):
     MINMAX = "minmax"
 
 
+class LoaderDecode(StrEnum):
+    """Which rows each rank's loader decodes (ctrscale/data/loader/batch_loader.py)."""
+
+    AUTO = "auto"  # sharded with several CUDA ranks, replicated otherwise
+    # Every rank decodes the whole stream and keeps its slice of each global batch: batches
+    # identical to one process's, at the decode rate of one process.
+    REPLICATED = "replicated"
+    # Each rank decodes its own contiguous share of the epoch: N times the decode rate; every
+    # row still once per epoch in batches of exactly the global size, in another order.
+    SHARDED = "sharded"
+
+
 class RefreshHoldout(StrEnum):
     """The slice the daily refresh gates on: the new day's hash holdout, or the next day."""
 

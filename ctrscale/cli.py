@@ -198,6 +198,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     loader.add_argument(
         "--rows", type=int, default=2_000_000, help="rows to generate when --data is not given"
     )
+    loader.add_argument(
+        "--processes",
+        type=int,
+        nargs="*",
+        default=[1, 2, 4],
+        help="also measure N ranks' aggregate rows/s, replicated and sharded (none: skip)",
+    )
     loader.add_argument("--out", default=None, help="also write the results as JSON here")
     loader.set_defaults(run=_lazy("ctrscale.bench.loader:run_cli"))
 

@@ -25,6 +25,7 @@ from ctrscale.choices import (
     EmbeddingOptimizerName,
     GradientTransform,
     IdEncoding,
+    LoaderDecode,
     ModelName,
     RefreshHoldout,
     ScalingRule,
@@ -77,6 +78,15 @@ class DataConfig(Section):
     # (SWAP's phase-2 replicas, ctrscale/jobs/swap.py). 0 of 1 = all of it.
     shard_index: Annotated[int, Field(ge=0)] = 0
     shard_count: PositiveInt = 1
+    # Whether each rank decodes the whole stream or its own share (see LoaderDecode); auto =
+    # sharded with several CUDA ranks, where one process's decode rate would cap the job.
+    decode: LoaderDecode = LoaderDecode.AUTO
+
+    def sharded_decode(self, device_type: str, world_size: int) -> bool:
+        """Whether this run's loaders decode per rank (`decode`, with `auto` resolved)."""
+        if self.decode == LoaderDecode.AUTO:
+            return device_type == "cuda" and world_size > 1 and self.shard_count == 1
+        return self.decode == LoaderDecode.SHARDED
 
     @property
     def loader_batch_size(self) -> int:
@@ -90,6 +100,11 @@ class DataConfig(Section):
             raise ValueError(
                 f"data.shard_index={self.shard_index} must be below data.shard_count="
                 f"{self.shard_count}"
+            )
+        if self.shard_count > 1 and self.decode == LoaderDecode.SHARDED:
+            raise ValueError(
+                "data.decode='sharded' cannot be combined with data.shard_count > 1: a shard is "
+                "a slice of every global batch, which needs the replicated stream"
             )
         return self
 
@@ -363,6 +378,19 @@ class BenchTable(Section):
     )
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     synthetic: SyntheticData | None = None
+    # Method modifiers of this preset (name → config overrides), over the built-in ones of
+    # ctrscale/bench/methods.py: e.g. a dense optimizer with its base-batch LR.
+    modifiers: dict[str, list[str]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _modifier_names_are_plain(self) -> BenchTable:
+        for name in self.modifiers:
+            if not name or "+" in name or not name.isidentifier():
+                raise ValueError(
+                    f"bench.modifiers.{name!r}: a modifier name is a plain word (letters, "
+                    "digits, _), used as RULE+NAME in bench.rules"
+                )
+        return self
 
 
 class Config(Section):

@@ -110,7 +110,7 @@ def plan_sweep(args) -> Sweep:
         key = override.partition("=")[0].strip()
         if key in PER_RUN_KEYS:
             raise CtrscaleError(f"--set {key}: set per run by the bench; use {PER_RUN_KEYS[key]}")
-    variants = [parse_rule(name) for name in args.rules or bench.rules]
+    variants = [parse_rule(name, bench.modifiers) for name in args.rules or bench.rules]
     seeds = args.seeds or bench.seeds
     data_overrides = []
     if bench.synthetic is not None:

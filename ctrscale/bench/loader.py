@@ -1,4 +1,4 @@
-"""`ctrscale bench loader`: rows/s of the Parquet → `Batch` loader alone, in one process.
+"""`ctrscale bench loader`: rows/s of the Parquet → `Batch` loader alone.
 
 Measured side by side in one run on the same files: pyarrow decoding the row groups with
 nothing else (the ceiling any Parquet loader here can reach), then the loader at each batch
@@ -6,11 +6,19 @@ size, shuffled (as training reads) and in file order (as evaluation reads). Each
 three epochs: the first pays one-time costs (first touch of the shuffle buffer's pages); the
 best of the next two is the steady state a long training run sees. The page cache is warmed
 first, so the figures are for data on local disk that the OS has cached, not for cold reads.
+
+Then the job's aggregate rate with N loader processes (`--processes`, ranks of one world, the
+largest batch, shuffled), replicated (every rank decodes the whole stream) and sharded (each
+its share, `data.decode`): all rows the ranks yield over their steady epochs, divided by the
+slowest rank's time. Processes beyond the machine's cores share them, which the report says.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
+import queue
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +30,7 @@ import pyarrow.parquet as pq
 
 from ctrscale.data import schema
 from ctrscale.data.loader import ParquetBatchLoader, resolve_parquet_files
+from ctrscale.errors import CtrscaleError
 from ctrscale.files import write_json_atomic
 
 TARGET_ROWS_PER_S = 1_000_000
@@ -98,6 +107,74 @@ def measure(data: str, batch_sizes: list[int]) -> dict[str, Any]:
     return {"rows": loader.num_rows, "decode_rows_per_s": ceiling, "runs": runs}
 
 
+def _rank_worker(
+    data: str, batch_size: int, rank: int, world_size: int, sharded: bool, start, results
+) -> None:
+    """One rank's loader: a first epoch, then (with every rank at once) the steady epochs."""
+    loader = ParquetBatchLoader(
+        [data], batch_size, rank=rank, world_size=world_size, sharded_decode=sharded,
+        drop_last=False,
+    )  # fmt: skip
+    epoch_rows_per_s(loader)
+    start.wait()
+    rows, started = 0, time.perf_counter()
+    for _ in range(STEADY_EPOCHS):
+        for batch in loader:
+            rows += batch.labels.numel()
+    results.put((rows, time.perf_counter() - started))
+
+
+def aggregate_rows_per_s(data: str, batch_size: int, processes: int, sharded: bool) -> float:
+    """Rows/s of `processes` ranks reading one stream together (see the module docstring)."""
+    # spawn, not fork: a forked child would inherit this process's threads and buffers.
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(processes), context.Queue()
+    workers = [
+        context.Process(
+            target=_rank_worker, args=(data, batch_size, rank, processes, sharded, start, results)
+        )
+        for rank in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    finished: list[tuple[int, float]] = []
+    try:
+        while len(finished) < processes:
+            try:
+                finished.append(results.get(timeout=1.0))
+            except queue.Empty:
+                failed = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+                if failed:
+                    raise CtrscaleError(
+                        f"a loader process of {processes} exited with code {failed[0]} (its "
+                        "error is printed above)"
+                    ) from None
+    finally:
+        for worker in workers:
+            if len(finished) < processes:
+                worker.terminate()  # the others wait at the barrier for the one that failed
+            worker.join()
+    return sum(rows for rows, _ in finished) / max(seconds for _, seconds in finished)
+
+
+def measure_processes(data: str, batch_size: int, processes: list[int]) -> list[dict[str, Any]]:
+    runs = []
+    for count in processes:
+        for sharded in (False, True) if count > 1 else (False,):
+            runs.append(
+                {
+                    "processes": count,
+                    "decode": "sharded" if sharded else "replicated",
+                    "batch_size": batch_size,
+                    "rows_per_s": aggregate_rows_per_s(data, batch_size, count, sharded),
+                }
+            )
+    single = next((r["rows_per_s"] for r in runs if r["processes"] == 1), None)
+    for run in runs:
+        run["over_one_process"] = run["rows_per_s"] / single if single else None
+    return runs
+
+
 def report(results: dict[str, Any]) -> str:
     lines = [
         f"{results['rows']:,} rows; pyarrow decode alone: {results['decode_rows_per_s']:,.0f} "
@@ -112,10 +189,29 @@ def report(results: dict[str, Any]) -> str:
     slowest = min(run["rows_per_s"] for run in results["runs"])
     verdict = "met" if slowest >= TARGET_ROWS_PER_S else "NOT met"
     lines.append(f"target ≥ {TARGET_ROWS_PER_S:,} rows/s per process: {verdict}")
+    if results.get("processes"):
+        lines.append(
+            f"aggregate of N processes ({results['cpu_count']} CPU cores here), batch "
+            f"{results['processes'][0]['batch_size']:,}, shuffled:"
+        )
+        lines.append(f"{'N':>3} {'decode':>11} {'rows/s':>11} {'× 1 process':>12}")
+        for run in results["processes"]:
+            ratio = run["over_one_process"]
+            lines.append(
+                f"{run['processes']:>3} {run['decode']:>11} {run['rows_per_s']:>11,.0f} "
+                + (f"{ratio:>12.2f}" if ratio is not None else f"{'—':>12}")
+            )
     return "\n".join(lines)
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    largest = max(args.batch_sizes)
+    unusable = [n for n in args.processes if n < 1 or largest % n]
+    if unusable:
+        raise CtrscaleError(
+            f"--processes {unusable[0]}: each must be at least 1 and divide the largest "
+            f"--batch-sizes value ({largest:,}), which the ranks split evenly"
+        )
     with tempfile.TemporaryDirectory(prefix="ctrscale-bench-loader-") as tmp:
         if args.data is None:
             data = str(Path(tmp) / "data")
@@ -124,6 +220,8 @@ def run_cli(args: argparse.Namespace) -> int:
         else:
             data, source = args.data, args.data
         results = measure(data, args.batch_sizes)
+        results["cpu_count"] = os.cpu_count()
+        results["processes"] = measure_processes(data, max(args.batch_sizes), args.processes)
     results["data"] = source
     print(report(results))
     if args.out:

@@ -6,6 +6,11 @@ overrides laid over it: another dense optimizer (`+lamb`, `+novograd`, …), the
 code's dense embedding update (`+dense`), a dense gradient transform (`+gsnr`, `+extrap`,
 `+extrap_past`), … — `MODIFIERS` lists them all, and a new method needs only an entry there.
 E.g. `cowclip+lamb`, `none+sngm`, `cowclip+dense`, `cowclip+extrap`.
+
+A preset may define its own modifiers, or redefine built-in ones, in `[bench.modifiers]`
+(name → overrides): a sweep that calibrated an optimizer's base LR at the base batch states it
+there (`lars = ['optim.dense.name="lars"', "optim.dense.lr=8.0"]`), so the run directories and
+the report carry the value every batch size used.
 """
 
 from __future__ import annotations
@@ -52,27 +57,27 @@ class RuleVariant:
     name: str
     scaling_rule: ScalingRule
     modifiers: tuple[str, ...] = ()
-
-    @property
-    def dense_optimizer(self) -> str | None:
-        named = [m for m in self.modifiers if m in tuple(DenseOptimizerName)]
-        return named[-1] if named else None
+    settings: tuple[str, ...] = ()  # the modifiers' overrides, in order
 
     def overrides(self) -> list[str]:
         clip = ClipMode.PAPER if self.scaling_rule == ScalingRule.COWCLIP else ClipMode.OFF
-        settings = [f'optim.schedule.rule="{self.scaling_rule}"', f'optim.cowclip.mode="{clip}"']
-        for modifier in self.modifiers:
-            settings += MODIFIERS[modifier]
-        return settings
+        return [
+            f'optim.schedule.rule="{self.scaling_rule}"',
+            f'optim.cowclip.mode="{clip}"',
+            *self.settings,
+        ]
 
 
-def parse_rule(name: str) -> RuleVariant:
+def parse_rule(name: str, preset_modifiers: dict[str, list[str]] | None = None) -> RuleVariant:
+    """`RULE[+MODIFIER…]`, with the preset's `[bench.modifiers]` over the built-in ones."""
+    known = {**MODIFIERS, **{k: tuple(v) for k, v in (preset_modifiers or {}).items()}}
     rule, *modifiers = name.split("+")
-    unknown = [m for m in modifiers if m not in MODIFIERS]
+    unknown = [m for m in modifiers if m not in known]
     if rule not in tuple(ScalingRule) or unknown:
         raise CtrscaleError(
             f"unknown rule {name!r}: a rule is one of {names(ScalingRule)}, optionally "
-            f"followed by +MODIFIER with MODIFIER one of {', '.join(MODIFIERS)} "
+            f"followed by +MODIFIER with MODIFIER one of {', '.join(known)} "
             "(e.g. cowclip+lamb, cowclip+dense)"
         )
-    return RuleVariant(name, ScalingRule(rule), tuple(modifiers))
+    settings = tuple(setting for m in modifiers for setting in known[m])
+    return RuleVariant(name, ScalingRule(rule), tuple(modifiers), settings)

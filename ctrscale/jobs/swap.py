@@ -90,7 +90,9 @@ def phase1_config(config: Config) -> Config:
     )
     _, total_steps = step_budget(config, loader)
     steps = max(1, round(config.swap.phase1_fraction * total_steps))
-    return _with(config, {"train": {"max_steps": steps}})
+    # The replicas continue after the rows phase 1 read: a prefix of the stream only when
+    # every rank reads the replicated stream.
+    return _with(config, {"train": {"max_steps": steps}, "data": {"decode": "replicated"}})
 
 
 def replica_config(config: Config, index: int, phase1_dir: Path) -> Config:

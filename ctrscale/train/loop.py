@@ -96,8 +96,9 @@ def _train(config: Config, out_dir: Path, ctx: DistContext, resume: bool) -> dic
         log.message(f"resumed from step {progress.step} ({checkpointer.directory})")
     log.message(
         f"training {config.model.name}: {total_steps} steps of {config.data.batch_size} rows "
-        f"({steps_per_epoch} per epoch) on {ctx.world_size} × {ctx.device.type}; "
-        f"sharding plan in {out_dir / 'plan.txt'}\n"
+        f"({steps_per_epoch} per epoch) on {ctx.world_size} × {ctx.device.type}, "
+        f"{'each rank decoding its share' if train_loader.sharded_decode else 'replicated'}"
+        f" input (data.decode={config.data.decode}); sharding plan in {out_dir / 'plan.txt'}\n"
         f"hyperparameters at this batch size: {json.dumps(trainer.describe())}"
     )
     window = TrainingWindow(log, config.train.log_every_steps, total_steps, ctx.device)
@@ -148,9 +149,11 @@ def make_loaders(config: Config, ctx: DistContext) -> tuple[ParquetBatchLoader, 
     # A shard is one slice of shard_count × the batch: its ranks follow the other shards'.
     rank = data.shard_index * ctx.world_size + ctx.rank
     world = data.shard_count * ctx.world_size
+    sharded = data.sharded_decode(ctx.device.type, ctx.world_size)
     train_loader = ParquetBatchLoader.from_config(
-        data, "train", rank, world, seed=seed, batch_size=data.loader_batch_size
-    )
+        data, "train", rank, world, seed=seed, batch_size=data.loader_batch_size,
+        sharded_decode=sharded,
+    )  # fmt: skip
     evaluation = ParquetBatchLoader.from_config(
         data,
         "eval",
@@ -160,6 +163,7 @@ def make_loaders(config: Config, ctx: DistContext) -> tuple[ParquetBatchLoader, 
         batch_size=data.eval_batch_size - data.eval_batch_size % ctx.world_size,
         # Synthetic data carries the teacher's probabilities: the eval's Bayes-optimal AUC.
         extra_columns=(TRUE_PROBABILITY,) if train_loader.has_column(TRUE_PROBABILITY) else (),
+        sharded_decode=sharded,
     )
     check_ids_fit(evaluation, train_loader.table_sizes, "the training data's tables")
     train_loader.pin_memory = evaluation.pin_memory = ctx.device.type == "cuda"

@@ -59,11 +59,7 @@ def assert_csv_matches_json(csv_rows: list[dict[str, str]], json_rows: list[dict
 )
 def test_rule_names_split_into_scaling_rule_and_dense_optimizer(name, scaling_rule, dense):
     variant = parse_rule(name)
-    assert (variant.name, variant.scaling_rule, variant.dense_optimizer) == (
-        name,
-        scaling_rule,
-        dense,
-    )
+    assert (variant.name, variant.scaling_rule) == (name, scaling_rule)
     clip = "paper" if scaling_rule == "cowclip" else "off"
     expected = [f'optim.schedule.rule="{scaling_rule}"', f'optim.cowclip.mode="{clip}"']
     expected += [f'optim.dense.name="{dense}"'] if dense else []
@@ -72,6 +68,41 @@ def test_rule_names_split_into_scaling_rule_and_dense_optimizer(name, scaling_ru
 
 def test_the_dense_modifier_selects_the_official_codes_embedding_update():
     assert parse_rule("cowclip+dense").overrides()[-1] == 'optim.embedding.semantics="dense"'
+
+
+def test_a_presets_modifiers_add_methods_and_override_built_in_ones():
+    preset = {
+        "lars": ['optim.dense.name="lars"', "optim.dense.lr=8.0"],
+        "ramp": ["data.ramp_from_batch_size=256", "data.ramp_steps=70"],
+    }
+    assert parse_rule("cowclip+lars+ramp", preset).overrides() == [
+        'optim.schedule.rule="cowclip"',
+        'optim.cowclip.mode="paper"',
+        'optim.dense.name="lars"',
+        "optim.dense.lr=8.0",
+        "data.ramp_from_batch_size=256",
+        "data.ramp_steps=70",
+    ]
+    assert parse_rule("none+lars").overrides()[-1] == 'optim.dense.name="lars"'  # built-in
+    with pytest.raises(CtrscaleError, match="ramp"):
+        parse_rule("cowclip+ramp")  # only the preset knows it
+
+
+def test_a_preset_modifier_reaches_every_runs_config(tmp_path):
+    preset = tmp_path / "preset.toml"
+    preset.write_text(
+        QUICK.read_text()
+        + '\n[bench.modifiers]\nlars = [\'optim.dense.name="lars"\', "optim.dense.lr=8.0"]\n'
+    )
+    from ctrscale.bench.auc_vs_batch import plan_sweep
+    from ctrscale.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["bench", "auc-vs-batch", "--config", str(preset), "--out", str(tmp_path / "out"),
+         "--rules", "cowclip+lars", "--batch-sizes", "512"]
+    )  # fmt: skip
+    (config,) = plan_sweep(args).configs.values()
+    assert (config.optim.dense.name, config.optim.dense.lr) == ("lars", 8.0)
 
 
 @pytest.mark.parametrize("name", ["bogus", "cowclip+rmsprop", "cowclip+", "+lamb", "Cowclip"])
@@ -276,3 +307,11 @@ def test_a_finished_run_is_matched_by_its_settings_not_the_text_of_its_config(tm
     changed = load_config(None, ["data.batch_size=512", "optim.dense.lr=0.5"])
     with pytest.raises(CtrscaleError, match="was run with another config"):
         prepare_run_dir(cell, changed, tmp_path)
+
+
+def test_a_preset_modifier_whose_name_holds_a_plus_is_refused_naming_it(tmp_path, capsys):
+    preset = tmp_path / "preset.toml"
+    preset.write_text(QUICK.read_text() + '\n[bench.modifiers]\n"a+b" = ["optim.dense.lr=1.0"]\n')
+    assert cli.main(["bench", "auc-vs-batch", "--config", str(preset), "--out",
+                     str(tmp_path / "out")]) == 2  # fmt: skip
+    assert "bench.modifiers.'a+b'" in capsys.readouterr().err

@@ -249,7 +249,7 @@ def test_resume_from_a_cursor_yields_the_remaining_batches(dataset: Path, monkey
     iterator = iter(ld)
     done = [row_numbers(next(iterator)) for _ in range(7)]
     state = ld.state_dict()
-    assert state == {"epoch": 0, "batches_done": 7, "seed": 3, "batch_size": 8}
+    assert state == {"epoch": 0, "batches_done": 7, "seed": 3, "batch_size": 8, "shares": 1}
     del iterator
 
     reads: list[int] = []
@@ -278,6 +278,107 @@ def test_load_state_dict_rejects_another_batch_size(dataset: Path) -> None:
     ld = loader(dataset, 8)
     with pytest.raises(CtrscaleError, match="batch_size=16"):
         ld.load_state_dict({"epoch": 0, "batches_done": 1, "seed": 0, "batch_size": 16})
+
+
+# ---- sharded decoding: each rank decodes its own share of the stream ---------------------
+
+
+def sharded(dataset: Path, batch_size: int, world_size: int, **kwargs) -> list[ParquetBatchLoader]:
+    return [
+        loader(dataset, batch_size, rank=r, world_size=world_size, sharded_decode=True, **kwargs)
+        for r in range(world_size)
+    ]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_sharded_ranks_use_every_row_once_in_global_batches_of_the_same_size(
+    dataset: Path, world_size: int, shuffle: bool
+) -> None:
+    single = epoch_rows(loader(dataset, 12, drop_last=False, shuffle=shuffle, seed=2))
+    ranks = [
+        epoch_rows(ld)
+        for ld in sharded(dataset, 12, world_size, drop_last=False, shuffle=shuffle, seed=2)
+    ]
+    assert sorted(flat([flat(r) for r in ranks])) == list(range(NUM_ROWS))
+    # Batch i of every rank has the size of its slice of global batch i, as when replicated.
+    for index, whole in enumerate(single):
+        sizes = [len(ranks[r][index]) for r in range(world_size)]
+        assert sum(sizes) == len(whole)
+        assert sizes == [
+            len(whole) * (r + 1) // world_size - len(whole) * r // world_size
+            for r in range(world_size)
+        ]
+    # Rank r's rows are a contiguous share of the one-process stream, rank after rank.
+    assert flat([flat(r) for r in ranks]) == flat(single)
+    interleaved = [
+        row for i in range(len(single)) for r in range(world_size) for row in ranks[r][i]
+    ]
+    assert interleaved != flat(single)  # so global batches hold other rows than replicated
+
+
+def test_sharded_drop_last_drops_the_streams_tail_as_replicated_does(dataset: Path) -> None:
+    replicated = flat(epoch_rows(loader(dataset, 24, drop_last=True, seed=4)))
+    ranks = [flat(epoch_rows(ld)) for ld in sharded(dataset, 24, 2, drop_last=True, seed=4)]
+    assert [len(r) for r in ranks] == [48, 48]
+    assert sorted(ranks[0] + ranks[1]) == sorted(replicated)
+
+
+def test_sharded_ranks_decode_their_share_not_the_whole_stream(dataset: Path, monkeypatch) -> None:
+    decoded: list[int] = []
+    original = WindowDecoder.decode
+    monkeypatch.setattr(
+        WindowDecoder,
+        "decode",
+        lambda self, window: decoded.append(window.rows) or original(self, window),
+    )
+    for ld in sharded(dataset, 12, 3, drop_last=False, shuffle=False):
+        epoch_rows(ld)
+    # Unshuffled, a window is one row group (≤ 23 rows): each of the 2 boundaries between
+    # shares is decoded by both ranks at most; replicated, 3 ranks would decode 303 rows.
+    assert NUM_ROWS <= sum(decoded) <= NUM_ROWS + 2 * 23
+    for ld in [
+        loader(dataset, 12, rank=r, world_size=3, drop_last=False, shuffle=False) for r in range(3)
+    ]:
+        epoch_rows(ld)
+    assert sum(decoded) > 3 * NUM_ROWS
+
+
+def test_sharded_ranks_resume_from_their_cursor(dataset: Path) -> None:
+    for rank, ld in enumerate(sharded(dataset, 8, 2, seed=5)):
+        full = epoch_rows(ld)
+        resumed = sharded(dataset, 8, 2, seed=5)[rank]
+        resumed.load_state_dict({"epoch": 0, "batches_done": 4, "seed": 5, "shares": 2})
+        assert epoch_rows(resumed) == full[4:]
+
+
+def test_a_mid_epoch_cursor_needs_the_same_shares(dataset: Path) -> None:
+    two = sharded(dataset, 8, 2, seed=5)[0]
+    iterator = iter(two)
+    next(iterator)
+    state = two.state_dict()
+    del iterator
+    assert state["shares"] == 2
+    for other in (loader(dataset, 8, rank=0, world_size=2), sharded(dataset, 8, 4)[0]):
+        with pytest.raises(CtrscaleError, match=r"2 share.*cuts it into [14]"):
+            other.load_state_dict(state)
+    epoch_end = {**state, "epoch": 1, "batches_done": 0}
+    replicated = loader(dataset, 8, rank=0, world_size=2)
+    replicated.load_state_dict(epoch_end)  # an epoch boundary is the same in every layout
+    assert replicated.state_dict()["epoch"] == 1
+    with pytest.raises(CtrscaleError, match="not a prefix of the stream"):
+        loader(dataset, 4).continue_from(state)
+
+
+def test_sharded_decoding_is_chosen_by_data_decode() -> None:
+    assert not DataConfig().sharded_decode("cpu", 4)
+    assert DataConfig().sharded_decode("cuda", 2)
+    assert not DataConfig().sharded_decode("cuda", 1)
+    assert not DataConfig(shard_count=2).sharded_decode("cuda", 2)  # SWAP's replica shards
+    assert DataConfig(decode="sharded").sharded_decode("cpu", 2)
+    assert not DataConfig(decode="replicated").sharded_decode("cuda", 8)
+    with pytest.raises(ValueError, match=r"data\.decode='sharded' cannot be combined"):
+        DataConfig(decode="sharded", shard_count=2)
 
 
 # ---- holdout split ----------------------------------------------------------------------

@@ -211,6 +211,31 @@ def test_resume_with_a_different_world_size(tiny_dataset, tmp_path):
     assert metrics(tmp_path / "run")["world_size"] == 2
 
 
+@pytest.mark.slow
+def test_sharded_decoding_trains_scores_every_row_and_resumes_only_with_its_world_size(
+    tiny_dataset, tmp_path
+):
+    """data.decode=sharded: each rank decodes its share. The run scores every eval row (one
+    process scoring the same model agrees), resumes with 2 processes, and a mid-epoch resume
+    with 1 is refused instead of reading rows twice or never."""
+    overrides = tiny_overrides(tiny_dataset, **{"train.max_steps": 3, "data.decode": "sharded"})
+    run = tmp_path / "run"
+    started = run_ctrscale(train_args(run, overrides), nproc=2)
+    assert "each rank decoding its share" in started.stderr + started.stdout
+    single = run_ctrscale(
+        ["evaluate", "--checkpoint", str(run), *(f"--set={o}" for o in overrides)]
+    )
+    scored = json.loads(single.stdout.strip().splitlines()[-1])
+    assert scored["auc"] == pytest.approx(metrics(run)["auc"], abs=1e-9)
+
+    longer = [*overrides, "train.max_steps=6"]
+    refused = run_ctrscale([*train_args(run, longer), "--resume"], check=False)
+    assert refused.returncode != 0
+    assert "resume with the same number of processes" in refused.stderr
+    run_ctrscale([*train_args(run, longer), "--resume"], nproc=2)
+    assert metrics(run)["steps"] == 6 and metrics(run)["world_size"] == 2
+
+
 def test_evaluate_and_warm_start_reuse_a_saved_model(tiny_dataset, tmp_path):
     trained = tmp_path / "trained"
     overrides = tiny_overrides(tiny_dataset, **{"train.max_steps": 5})

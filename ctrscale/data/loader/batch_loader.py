@@ -12,14 +12,19 @@ The row order of an epoch is a pure function of (seed, epoch, Parquet row counts
 2. consecutive row groups are grouped into windows of about `shuffle_buffer_rows` rows;
 3. the rows a window keeps (after the holdout split) are permuted with a generator seeded by
    (seed, epoch, window index);
-4. the concatenation of the windows is cut into global batches of `batch_size` rows, and rank
-   r of N takes rows [r·B/N, (r+1)·B/N) of every global batch.
+4. the concatenation of the windows (the epoch's stream) is cut into global batches of
+   `batch_size` rows, and rank r of N takes
+   - replicated (the default): rows [r·B/N, (r+1)·B/N) of every global batch. Every rank
+     decodes the whole stream to find its slices: batches identical to one process's, but the
+     dataset is decoded N times, so the job's rate is one process's decode rate;
+   - sharded (`sharded_decode`): the next B/N rows of its own contiguous share of the stream,
+     rank r's share starting where rank r−1's ends. Each rank decodes only its share (and at
+     most the two windows it shares with its neighbours): N times the decode rate, every
+     row still once per epoch and every global batch exactly B rows, in another order.
 
 Because of that, `num_batches()` needs only Parquet footers (and the holdout hash), and a
-cursor (epoch, batches done) is resumed by reading only the window that contains it. Every
-rank reads the whole stream but converts only its own slice to tensors: with N ranks the
-dataset is decoded N times in total (once per rank), the price of each rank seeing the same
-global order without communication.
+cursor (epoch, batches done) is resumed by reading only the window that contains it, without
+communication between the ranks.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class ParquetBatchLoader:
         holdout_fraction: float = 0.0,
         holdout_seed: int = 0,
         extra_columns: Sequence[str] = (),
+        sharded_decode: bool = False,
     ) -> None:
         check_arguments(
             batch_size, rank, world_size, shuffle_buffer_rows, prefetch_batches, split,
@@ -101,6 +107,8 @@ class ParquetBatchLoader:
         self.holdout_fraction = holdout_fraction
         self.holdout_seed = holdout_seed
         self.extra_columns = tuple(dict.fromkeys(extra_columns))
+        # With one rank both layouts are the same stream.
+        self.sharded_decode = sharded_decode and world_size > 1
 
         self._files = open_files(resolve_parquet_files(paths), self.extra_columns)
         self._row_groups = row_groups(self._files)
@@ -139,6 +147,7 @@ class ParquetBatchLoader:
         seed: int,
         batch_size: int | None = None,
         extra_columns: Sequence[str] = (),
+        sharded_decode: bool = False,
     ) -> ParquetBatchLoader:
         """The train or eval loader a `[data]` config describes.
 
@@ -157,6 +166,7 @@ class ParquetBatchLoader:
             holdout_fraction=data_cfg.holdout_fraction,
             holdout_seed=data_cfg.holdout_seed,
             extra_columns=extra_columns,
+            sharded_decode=sharded_decode,
         )
         holds_out = not data_cfg.eval and data_cfg.holdout_fraction > 0
         if split == "train":
@@ -237,13 +247,31 @@ class ParquetBatchLoader:
             raise CtrscaleError(f"epoch={epoch}: must be >= 0")
         self._epoch, self._batches_done = epoch, 0
 
+    @property
+    def _shares(self) -> int:
+        """Shares the epoch's stream is cut into: the world size when sharded, else 1."""
+        return self.world_size if self.sharded_decode else 1
+
     def state_dict(self) -> dict[str, int]:
         return {
             "epoch": self._epoch,
             "batches_done": self._batches_done,
             "seed": self.seed,
             "batch_size": self.batch_size,
+            "shares": self._shares,
         }
+
+    def _check_mid_epoch_layout(self, state: dict[str, int], done: int, total: int) -> None:
+        """The rows done mid-epoch are a prefix of the stream only when replicated; sharded,
+        they are a prefix of each of N shares, which only the same N can continue."""
+        shares = int(state.get("shares", 1))
+        if 0 < done < total and shares != self._shares:
+            raise CtrscaleError(
+                f"the loader state stopped {done} batches into epoch {state['epoch']} with the "
+                f"stream cut into {shares} share(s) (data.decode, world size), this loader cuts "
+                f"it into {self._shares}: resume with the same number of processes and "
+                "data.decode, or from a checkpoint at an epoch boundary"
+            )
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume at a cursor; the seed comes with it so the order is the checkpointed one."""
@@ -258,12 +286,20 @@ class ParquetBatchLoader:
                 f"loader state epoch={epoch}, batches_done={done}: outside this dataset's "
                 f"{self.num_batches()} batches per epoch"
             )
+        self._check_mid_epoch_layout(state, done, self.num_batches())
         self.seed = int(state["seed"])
         self._epoch, self._batches_done = epoch, done
 
     def continue_from(self, state: dict[str, int]) -> None:
         """Position the cursor at the row where another loader's state stopped (same data and
         seed, any batch size that divides the rows it had read of its epoch)."""
+        if int(state.get("shares", 1)) > 1 and int(state["batches_done"]) > 0:
+            raise CtrscaleError(
+                f"the checkpoint's loader stopped {state['batches_done']} batches into epoch "
+                f"{state['epoch']} with the stream cut into {state['shares']} shares "
+                "(data.decode='sharded'): the rows it read are not a prefix of the stream, so no "
+                "other batch size can continue after them; run it with data.decode='replicated'"
+            )
         rows = int(state["batches_done"]) * int(state["batch_size"])
         done, remainder = divmod(rows, self.batch_size)
         if remainder:
@@ -306,13 +342,24 @@ class ParquetBatchLoader:
         order = EpochOrder(self.seed, epoch, self.shuffle, self.shuffle_buffer_rows)
         windows = order.windows(self._row_groups, self._kept_row_counts())
         reader = WindowReader(order, windows, self._decoder.decode, self._extra_dtypes)
-        total = self.num_rows
         for index in range(first, self.num_batches()):
-            start = index * self.batch_size
-            size = min(self.batch_size, total - start)
-            lo = start + self.rank * size // self.world_size
-            hi = start + (self.rank + 1) * size // self.world_size
+            lo, hi = self._stream_rows(index)
             yield reader.rows(lo, hi).to_batch(self._kjt_layout)
+
+    def _stream_rows(self, index: int) -> tuple[int, int]:
+        """The epoch-stream rows [lo, hi) this rank yields as its part of global batch `index`
+        (the layouts of the module docstring)."""
+        r, n, batch = self.rank, self.world_size, self.batch_size
+        full, remainder = divmod(self.num_rows, batch)
+        size = batch if index < full else remainder
+        mine = size * (r + 1) // n - size * r // n
+        if not self.sharded_decode:
+            start = index * batch + size * r // n
+            return start, start + mine
+        served = 0 if self.drop_last else remainder  # the rows batches are cut from
+        share_start = full * (batch * r // n) + served * r // n
+        start = share_start + min(index, full) * (batch * (r + 1) // n - batch * r // n)
+        return start, start + mine
 
     def _kept_row_counts(self) -> np.ndarray:
         """Rows this split keeps of each row group, hashed once and then cached."""
