@@ -271,6 +271,18 @@ class TrainConfig(Section):
     discard_fraction: Fraction = 0.0
 
 
+class TrackingConfig(Section):
+    """Experiment tracking (ctrscale/train/tracking.py); `metrics.jsonl` and `curves.png` are
+    written into every run directory whatever this says."""
+
+    # An MLflow tracking URI (http://…, databricks, sqlite:///…, file:… with
+    # MLFLOW_ALLOW_FILE_STORE=true); unset = no MLflow. Needs `pip install 'ctrscale[mlflow]'`.
+    mlflow_uri: str | None = None
+    experiment: str = "ctrscale"
+    # The MLflow run's name; unset = the run directory's name (a sweep names its cells).
+    run_name: str | None = None
+
+
 class DistributedConfig(Section):
     device: DeviceChoice = DeviceChoice.AUTO
     backend: BackendChoice = BackendChoice.AUTO
@@ -401,6 +413,7 @@ class Config(Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     refresh: RefreshConfig = Field(default_factory=RefreshConfig)
     swap: SwapConfig = Field(default_factory=SwapConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     bench: BenchTable = Field(default_factory=BenchTable)
 
     @model_validator(mode="after")

@@ -49,6 +49,7 @@ from ctrscale.config import (
 from ctrscale.data.schema import METADATA_FILE, read_metadata
 from ctrscale.errors import CtrscaleError
 from ctrscale.files import finite_or_none
+from ctrscale.train.tracking import MlflowSink
 
 DEFAULT_MULTIPLIERS = tuple(2**k for k in range(8))  # base ×1 … ×128, as in the CowClip paper
 # Config keys every run sets itself: a --set of one would be silently overwritten.
@@ -229,6 +230,9 @@ def prepare_run_dir(cell: Cell, config: Config, run_dir: Path) -> Path:
             recorded = load_config(path)
         except CtrscaleError:
             recorded = None
+        # Where a run reports (MLflow) does not change what it computes.
+        if recorded is not None:
+            recorded = recorded.model_copy(update={"tracking": config.tracking})
         if recorded != config:
             raise CtrscaleError(
                 f"{run_dir} was run with another config than this sweep's ({cell.label()}); "
@@ -239,14 +243,17 @@ def prepare_run_dir(cell: Cell, config: Config, run_dir: Path) -> Path:
     return path
 
 
-def run_cell(cell: Cell, config_path: Path, run_dir: Path, keep_checkpoints: bool) -> bool:
-    """Train one cell in a child process (output in its train.log); True if it finished."""
+def run_cell(
+    cell: Cell, config_path: Path, run_dir: Path, keep_checkpoints: bool, tracking: dict[str, str]
+) -> bool:
+    """Train one cell in a child process (output in its train.log); True if it finished.
+    `tracking`: environment that makes its MLflow run a child of the sweep's."""
     from ctrscale.distributed.context import child_environment
     from ctrscale.jobs.launch import train_command
 
     command = train_command(config_path, run_dir)
     say(f"{cell.label()}: training …")
-    env = child_environment()
+    env = {**child_environment(), **tracking}
     started = time.perf_counter()
     with open(run_dir / "train.log", "a") as log:
         log.write(f"$ {' '.join(command)}\n")
@@ -368,12 +375,15 @@ def run_cli(args) -> int:
         if rows:
             last = next(reversed(rows))
             report(last, "reports written from the finished runs")
+    parent = sweep_run(sweep, out, args) if to_train or rows else None
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         running = {}
         for cell in to_train:
+            tracking = parent.child_environment(cell.label()) if parent is not None else {}
             future = pool.submit(
-                run_cell, cell, config_paths[cell], cell.directory(out), args.keep_checkpoints
-            )
+                run_cell, cell, config_paths[cell], cell.directory(out), args.keep_checkpoints,
+                tracking,
+            )  # fmt: skip
             running[future] = cell
         for future in as_completed(running):
             cell = running[future]
@@ -387,12 +397,33 @@ def run_cli(args) -> int:
         if original in rows:
             rows[cell] = result_row(cell, sweep.configs[cell], original.directory(out), out)
             report(cell, f"the same run as {original.label()}")
+    if parent is not None:
+        reports = [f"results.{suffix}" for suffix in ("md", "csv", "json", "png")]
+        parent.finish("FAILED" if failed else "FINISHED", reports)
+    if not rows:
+        print(f"no finished runs in {out}: nothing to report", file=sys.stderr)
+        return 1 if failed else 0
     print((out / "results.md").read_text())
     print(f"results in {out}/results.{{csv,json,md,png}}")
     if failed:
         print(f"{len(failed)} run(s) failed; rerun the same command to retry them", file=sys.stderr)
         return 1
     return 0
+
+
+def sweep_run(sweep: Sweep, out: Path, args) -> MlflowSink | None:
+    """The sweep's MLflow run (parent of every cell's), when the preset sets
+    tracking.mlflow_uri; a resumed sweep continues it."""
+    tracking = next(iter(sweep.configs.values())).tracking
+    if not tracking.mlflow_uri:
+        return None
+    params = {
+        "preset": str(args.config),
+        "batch_sizes": sorted({cell.batch_size for cell in sweep.cells}),
+        "rules": list(dict.fromkeys(cell.variant.name for cell in sweep.cells)),
+        "seeds": sorted({cell.seed for cell in sweep.cells}),
+    }
+    return MlflowSink(tracking.model_copy(update={"run_name": f"sweep {out.name}"}), out, params)
 
 
 def describe(row: dict[str, Any]) -> str:

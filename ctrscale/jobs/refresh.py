@@ -48,6 +48,7 @@ from ctrscale.jobs.registry import CONFIG, Registry
 from ctrscale.locking import ExclusiveLock, describe_holder
 from ctrscale.train import checkpoint
 from ctrscale.train.checkpoint import resolve_checkpoint
+from ctrscale.train.tracking import MlflowSink, child_runs_of
 
 STATUS = {
     ExitCode.OK: "ok",
@@ -191,7 +192,9 @@ class RefreshJob:
 
         work = self.registry.work_dir(date)
         run_dir = work / "run"
-        training = self._train(train_config, work, run_dir)
+        tracker = self._tracker(date, work)
+        with child_runs_of(tracker, f"train {date}"):
+            training = self._train(train_config, work, run_dir)
         candidate_checkpoint = resolve_checkpoint(run_dir)
 
         gate_config = _with_data(train_config, [new_day], evaluation, None)
@@ -227,6 +230,17 @@ class RefreshJob:
             "previous_auc": None if previous is None else previous["auc"],
             "reason": decision.reason,
         }
+        if tracker is not None:
+            gate_metrics = {
+                "gate/candidate_auc": candidate["auc"],
+                "gate/candidate_logloss": candidate["logloss"],
+                "gate/publish": float(decision.publish),
+            }
+            if previous is not None:
+                gate_metrics["gate/previous_auc"] = previous["auc"]
+            tracker.scalars(0, gate_metrics)
+            tracker.log_params({"gate.reason": decision.reason})
+            tracker.finish(artifacts=())
         if decision.publish:
             model = self.registry.publish(date, candidate_checkpoint, work / "train.toml", record)
             shutil.rmtree(work)
@@ -237,6 +251,18 @@ class RefreshJob:
         where = self.registry.reject(date, train_config, record)
         shutil.rmtree(work)
         return DayResult(date, "rejected", ExitCode.REJECTED, {**detail, "rejected": str(where)})
+
+    def _tracker(self, date: str, work: Path) -> MlflowSink | None:
+        """The day's MLflow run (the training run is its child), if tracking.mlflow_uri is
+        set; a rerun of an interrupted day continues it."""
+        tracking = self.config.tracking
+        if not tracking.mlflow_uri:
+            return None
+        named = tracking.model_copy(update={"run_name": f"refresh {date}"})
+        params = {"date": date, "registry": self.refresh.registry, **{
+            f"refresh.{k}": v for k, v in self.refresh.model_dump(mode="json").items()
+        }}  # fmt: skip
+        return MlflowSink(named, work / "tracking", params)
 
     def _prepare(self, day: Date) -> tuple[str, list[str], list[str]]:
         """The new day's partition, the days to train on, the eval data (next day or none)."""

@@ -50,6 +50,7 @@ from ctrscale.train.frequency import IdFrequency
 from ctrscale.train.metrics_log import MetricsLog, TrainingWindow
 from ctrscale.train.ramp import Ramp, join
 from ctrscale.train.step import Trainer, build_trainer
+from ctrscale.train.tracking import tracked_run
 
 CONFIG_TOML = "config.toml"
 METRICS_JSON = "metrics.json"
@@ -84,58 +85,58 @@ def _train(config: Config, out_dir: Path, ctx: DistContext, resume: bool) -> dic
         return json.loads((out_dir / METRICS_JSON).read_text())
     if ctx.is_main:
         write_run_files(out_dir, config, trainer, resumed_from=progress.step if resume else None)
+    with tracked_run(config, out_dir, ctx.is_main, trainer.describe()) as sinks:
+        log = MetricsLog(
+            out_dir,
+            enabled=ctx.is_main,
+            total_steps=total_steps,
+            start_step=progress.step,
+            sinks=sinks,
+        )
+        if resume:
+            log.message(f"resumed from step {progress.step} ({checkpointer.directory})")
+        log.message(
+            f"training {config.model.name}: {total_steps} steps of {config.data.batch_size} rows "
+            f"({steps_per_epoch} per epoch) on {ctx.world_size} × {ctx.device.type}, "
+            f"{'each rank decoding its share' if train_loader.sharded_decode else 'replicated'}"
+            f" input (data.decode={config.data.decode}); sharding plan in {out_dir / 'plan.txt'}\n"
+            f"hyperparameters at this batch size: {json.dumps(trainer.describe())}"
+        )
+        window = TrainingWindow(log, config.train.log_every_steps, total_steps, ctx.device)
+        evaluator = PeriodicEvaluator(
+            eval_loader,
+            config.train.eval_every_steps,
+            ctx.device,
+            report_to(log),
+            id_frequency(config, train_loader, ctx),
+        )
 
-    log = MetricsLog(
-        out_dir,
-        enabled=ctx.is_main,
-        total_steps=total_steps,
-        start_step=progress.step,
-        tensorboard=config.train.tensorboard,
-    )
-    if resume:
-        log.message(f"resumed from step {progress.step} ({checkpointer.directory})")
-    log.message(
-        f"training {config.model.name}: {total_steps} steps of {config.data.batch_size} rows "
-        f"({steps_per_epoch} per epoch) on {ctx.world_size} × {ctx.device.type}, "
-        f"{'each rank decoding its share' if train_loader.sharded_decode else 'replicated'}"
-        f" input (data.decode={config.data.decode}); sharding plan in {out_dir / 'plan.txt'}\n"
-        f"hyperparameters at this batch size: {json.dumps(trainer.describe())}"
-    )
-    window = TrainingWindow(log, config.train.log_every_steps, total_steps, ctx.device)
-    evaluator = PeriodicEvaluator(
-        eval_loader,
-        config.train.eval_every_steps,
-        ctx.device,
-        report_to(log),
-        id_frequency(config, train_loader, ctx),
-    )
-
-    with contextlib.closing(log):  # also on errors: an error message starts on its own line
-        for batch, global_rows in batches(train_loader, config, ctx, progress, total_steps):
-            loss_sum = trainer.step(batch, global_rows, progress.step)
-            progress.advance(global_rows)
-            window.after_step(progress.step, progress.epoch, loss_sum, global_rows, trainer)
-            if window.loss_below(config.train.stop_below_loss):
-                log.message(f"training loss below {config.train.stop_below_loss}: stopping")
-                break
-            with window.paused():
-                evaluator.after_step(trainer.dmp, progress.step, progress.epoch)
-                checkpointer.after_step(progress)
-        result = evaluator.final(trainer.dmp, progress.step, progress.epoch)
-        checkpointer.save(progress)
-    final = {
-        **result.as_dict(),
-        "steps": progress.step,
-        "epochs": progress.step / steps_per_epoch,
-        "rows_per_s": window.rows_per_s(),
-        "batch_size": config.data.batch_size,
-        "world_size": ctx.world_size,
-        "device": ctx.device.type,
-        "hyperparameters": trainer.describe(),
-    }
-    if ctx.is_main:
-        write_json_atomic(out_dir / METRICS_JSON, finite_or_none(final))
-    return final
+        with contextlib.closing(log):  # also on errors: an error message starts on its own line
+            for batch, global_rows in batches(train_loader, config, ctx, progress, total_steps):
+                loss_sum = trainer.step(batch, global_rows, progress.step)
+                progress.advance(global_rows)
+                window.after_step(progress.step, progress.epoch, loss_sum, global_rows, trainer)
+                if window.loss_below(config.train.stop_below_loss):
+                    log.message(f"training loss below {config.train.stop_below_loss}: stopping")
+                    break
+                with window.paused():
+                    evaluator.after_step(trainer.dmp, progress.step, progress.epoch)
+                    checkpointer.after_step(progress)
+            result = evaluator.final(trainer.dmp, progress.step, progress.epoch)
+            checkpointer.save(progress)
+        final = {
+            **result.as_dict(),
+            "steps": progress.step,
+            "epochs": progress.step / steps_per_epoch,
+            "rows_per_s": window.rows_per_s(),
+            "batch_size": config.data.batch_size,
+            "world_size": ctx.world_size,
+            "device": ctx.device.type,
+            "hyperparameters": trainer.describe(),
+        }
+        if ctx.is_main:
+            write_json_atomic(out_dir / METRICS_JSON, finite_or_none(final))
+        return final
 
 
 def make_loaders(config: Config, ctx: DistContext) -> tuple[ParquetBatchLoader, ParquetBatchLoader]:

@@ -1,6 +1,6 @@
 """Where a run reports: JSON lines (`metrics.jsonl`, strict JSON: a non-finite number is
-written as null), a progress bar and optional TensorBoard, all on rank 0 only; and the
-training window that decides when a training record is due and stops a diverged run."""
+written as null), a progress bar and the tracking sinks (TensorBoard, MLflow), all on rank 0;
+and the training window that decides when a training record is due and stops a diverged run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,10 +17,9 @@ import torch
 from tqdm import tqdm
 
 from ctrscale.distributed.context import global_sum
-from ctrscale.errors import CtrscaleError, TrainingDiverged
+from ctrscale.errors import TrainingDiverged
 from ctrscale.files import finite_or_none, write_text_atomic
-
-METRICS_FILE = "metrics.jsonl"
+from ctrscale.train.tracking import METRICS_FILE, Sink, numbers
 
 
 def drop_records_after(path: Path, step: int) -> None:
@@ -35,28 +34,27 @@ def drop_records_after(path: Path, step: int) -> None:
 
 
 class MetricsLog:
+    """Records to `metrics.jsonl` and every sink (TensorBoard, MLflow: tracking.py)."""
+
     def __init__(
-        self, out_dir: Path, *, enabled: bool, total_steps: int, start_step: int, tensorboard: bool
+        self,
+        out_dir: Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        sinks: Sequence[Sink] = (),
     ) -> None:
         self.enabled = enabled
         self._file = None
         self._bar = None
-        self._writer = None
+        self._sinks = sinks
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         drop_records_after(out_dir / METRICS_FILE, start_step)
         self._file = open(out_dir / METRICS_FILE, "a")  # noqa: SIM115 - lives as long as the run
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise CtrscaleError(
-                    "train.tensorboard=true needs the `tensorboard` package "
-                    "(pip install tensorboard)"
-                ) from None
-            self._writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
 
     def record(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -64,14 +62,9 @@ class MetricsLog:
         line = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
         self._file.write(json.dumps(finite_or_none(line), allow_nan=False) + "\n")
         self._file.flush()
-        if self._writer is not None:
-            for key, value in values.items():
-                if isinstance(value, int | float) and not isinstance(value, bool):
-                    self._writer.add_scalar(f"{kind}/{key}", value, step)
-                elif isinstance(value, dict):
-                    for sub, number in value.items():
-                        if isinstance(number, int | float) and not isinstance(number, bool):
-                            self._writer.add_scalar(f"{kind}/{key}/{sub}", number, step)
+        scalars = {name: value for name, value in numbers(kind, values) if math.isfinite(value)}
+        for sink in self._sinks:
+            sink.scalars(step, scalars)
 
     def progress(self, steps: int, **postfix: Any) -> None:
         if self._bar is not None:
@@ -89,8 +82,6 @@ class MetricsLog:
             self._bar.close()
         if self._file is not None:
             self._file.close()
-        if self._writer is not None:
-            self._writer.close()
 
 
 class Reporting(Protocol):
