@@ -193,3 +193,25 @@ def test_torchrun_training_with_a_window_and_next_day_holdout(refresh):
     assert records[1]["gate_slice"]["data"]["eval"] == [str(refresh.dataset / "day=20240104")]
     assert records[1]["candidate"]["rows"] == records[1]["previous"]["rows"] == 20_000
     assert_registry_consistent(refresh.registry, DAYS[1:], latest=DAYS[2])
+
+
+def test_a_days_refresh_is_an_mlflow_run_with_its_gate_and_its_training_as_child(
+    refresh, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the harness passes our environment
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"file:{tmp_path / 'mlruns'}"
+    result = refresh.run("--date", DAYS[0], **{"tracking.mlflow_uri": uri})
+    assert result.code == ExitCode.OK, result
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("ctrscale")
+    runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {f"refresh {DAYS[0]}", f"train {DAYS[0]}"}
+    day, training = runs[f"refresh {DAYS[0]}"], runs[f"train {DAYS[0]}"]
+    assert day.info.status == training.info.status == "FINISHED"
+    assert training.data.tags["mlflow.parentRunId"] == day.info.run_id
+    assert day.data.metrics["gate/publish"] == 1.0
+    assert day.data.metrics["gate/candidate_auc"] == pytest.approx(
+        result.summary["days"][0]["candidate_auc"]
+    )
+    assert "train/loss" in training.data.metrics
