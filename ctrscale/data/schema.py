@@ -89,20 +89,27 @@ def _is_positive_integer(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
-def read_metadata(dataset_dir: str | Path) -> dict[str, Any]:
+def read_metadata(dataset_dir: str | Path, filesystem: Any = None) -> dict[str, Any]:
     """The dataset's metadata.json, its `table_sizes` validated (a `DataError` if not) and in
-    feature order; a clear error when the file is missing or not JSON."""
-    path = Path(dataset_dir) / METADATA_FILE
+    feature order; a clear error when the file is missing or not JSON. With a `pyarrow.fs`
+    filesystem, `dataset_dir` is a path on it (an object store's bucket/prefix)."""
+    path = f"{dataset_dir}/{METADATA_FILE}"
     try:
-        meta = json.loads(path.read_text())
+        if filesystem is None:
+            text = Path(path).read_text()
+        else:
+            with filesystem.open_input_stream(path) as stream:
+                text = stream.read().decode()
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{path}: no dataset metadata; create the dataset with `ctrscale prepare` or "
             "`ctrscale synth`"
         ) from None
+    try:
+        meta = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    meta["table_sizes"] = validate_table_sizes(meta.get("table_sizes"), str(path))
+    meta["table_sizes"] = validate_table_sizes(meta.get("table_sizes"), path)
     return meta
 
 

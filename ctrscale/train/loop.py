@@ -181,7 +181,7 @@ def check_ids_fit(loader: ParquetBatchLoader, table_sizes: dict[str, int], model
     }
     if too_big:
         raise CtrscaleError(
-            f"{loader.files[0].parent}: ids up to these table sizes do not fit {model}: "
+            f"{loader.files[0]}: ids up to these table sizes do not fit {model}: "
             + ", ".join(f"{k} {data} > {model_size}" for k, (data, model_size) in too_big.items())
         )
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Generator, Iterator, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -43,7 +42,7 @@ from ctrscale.data import schema
 from ctrscale.data.loader.batches import KjtLayout
 from ctrscale.data.loader.dataset import (
     open_files,
-    resolve_parquet_files,
+    resolve_sources,
     row_groups,
     table_sizes_from_metadata,
 )
@@ -110,7 +109,7 @@ class ParquetBatchLoader:
         # With one rank both layouts are the same stream.
         self.sharded_decode = sharded_decode and world_size > 1
 
-        self._files = open_files(resolve_parquet_files(paths), self.extra_columns)
+        self._files = open_files(resolve_sources(paths), self.extra_columns)
         self._row_groups = row_groups(self._files)
         self.table_sizes = (
             schema.validate_table_sizes(table_sizes, "ParquetBatchLoader(table_sizes=...)")
@@ -201,7 +200,8 @@ class ParquetBatchLoader:
         return self.batch_size // self.world_size
 
     @property
-    def files(self) -> list[Path]:
+    def files(self) -> list[str]:
+        """The Parquet files, as local paths or URIs."""
         return [f.path for f in self._files]
 
     def id_counts(self, rank: int = 0, world_size: int = 1) -> np.ndarray:

@@ -1,10 +1,16 @@
-"""The dataset on disk as the loader plans it: paths → sorted files → row groups.
+"""The dataset as the loader plans it: paths → sorted files → row groups.
 
 Owns resolving dataset directories, `day=N` directories, files and globs to a sorted list of
 unique `.parquet` files, finding the dataset root a file belongs to (where `metadata.json`
 lives), opening each file's footer (schema-checked by `validation.py`), the flat list of
 non-empty row groups every epoch is planned from, and the table sizes the roots' metadata
 gives. Nothing here decodes data: all of it comes from directory listings and footers.
+
+A path may also be a URI of an object store (`s3://bucket/prefix`, `gs://…`, `hdfs://…`): a
+dataset prefix, a `day=N` prefix or one object, read through `pyarrow.fs` — pyarrow's own
+clients, which read row-group ranges without fetching whole files; credentials and endpoints
+come from the usual environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, …) or the URI's query
+(`?endpoint_override=host:port&scheme=http`). Globs are local only.
 """
 
 from __future__ import annotations
@@ -14,10 +20,11 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ctrscale.data import schema
@@ -36,7 +43,7 @@ def _is_ignored(name: str) -> bool:
     return name.startswith((".", "_"))
 
 
-def _natural_key(path: Path) -> list[Any]:
+def _natural_key(path: PurePath | str) -> list[Any]:
     """Sort `day=2` before `day=10` and `part-9` before `part-10`."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
@@ -86,7 +93,75 @@ def resolve_parquet_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]
     return sorted(files, key=_natural_key)
 
 
-def dataset_root(file: Path) -> Path:
+def is_uri(path: str | os.PathLike[str]) -> bool:
+    """`scheme://…` of an object store (a `file://` URI is read as the local path it names)."""
+    text = os.fspath(path)
+    return "://" in text and not text.startswith("file://")
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A Parquet file where the loader found it: a filesystem and the path on it."""
+
+    filesystem: pafs.FileSystem
+    path: PurePath  # on `filesystem`: a local Path, or bucket/key of an object store
+    scheme: str = ""  # "s3://" etc. for messages; "" for local files
+
+    def __str__(self) -> str:
+        return f"{self.scheme}{self.path}"
+
+    def with_path(self, path: PurePath) -> DataFile:
+        return DataFile(self.filesystem, path, self.scheme)
+
+    def location(self) -> tuple[str, pafs.FileSystem | None]:
+        """(path, filesystem) for readers that take both; no filesystem for local files."""
+        return (str(self), None) if not self.scheme else (str(self.path), self.filesystem)
+
+
+def _object_store_files(uri: str) -> list[DataFile]:
+    """The `.parquet` objects a URI names: itself, or those under it as a prefix."""
+    if glob.has_magic(uri.split("?")[0]):
+        raise DataError(f"{uri}: globs are not supported in URIs; give a prefix or an object")
+    try:
+        filesystem, base = pafs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(base)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{uri}: cannot be opened ({exc})") from None
+    scheme = uri.split("://")[0] + "://"
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{uri}: no such object or prefix")
+    if info.type == pafs.FileType.File:
+        return [DataFile(filesystem, PurePosixPath(base), scheme)]
+    try:
+        listing = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{uri}: cannot be listed ({exc})") from None
+    found = [
+        DataFile(filesystem, PurePosixPath(entry.path), scheme)
+        for entry in listing
+        if entry.type == pafs.FileType.File
+        and entry.path.endswith(".parquet")
+        and not any(_is_ignored(part) for part in PurePosixPath(entry.path).relative_to(base).parts)
+    ]
+    if not found:
+        raise DataError(f"{uri}: no .parquet objects under this prefix")
+    return found
+
+
+def resolve_sources(paths: Iterable[str | os.PathLike[str]]) -> list[DataFile]:
+    """`resolve_parquet_files` for local paths and object-store URIs alike."""
+    paths = list(paths)
+    local = [p for p in paths if not is_uri(p)]
+    files = [
+        DataFile(pafs.LocalFileSystem(), path)
+        for path in (resolve_parquet_files(local) if local else [])
+    ]
+    remote = {str(f): f for uri in paths if is_uri(uri) for f in _object_store_files(str(uri))}
+    files += [remote[name] for name in sorted(remote, key=_natural_key)]
+    return files
+
+
+def dataset_root(file: PurePath) -> PurePath:
     """The directory holding the `day=N` partitions (and metadata.json) a file belongs to."""
     for ancestor in file.parents:
         if _DAY_DIRECTORY.fullmatch(ancestor.name):
@@ -100,9 +175,14 @@ def dataset_root(file: Path) -> Path:
 
 @dataclass(frozen=True)
 class ParquetFile:
-    path: Path
+    source: DataFile
     file_id: str  # path relative to its dataset root: the holdout hash's stable file id
     metadata: pq.FileMetaData
+
+    @property
+    def path(self) -> str:
+        """The file as the user named it (a local path or a URI), for messages."""
+        return str(self.source)
 
 
 @dataclass(frozen=True)
@@ -113,17 +193,17 @@ class RowGroup:
     num_rows: int
 
 
-def open_files(files: list[Path], extras: Sequence[str]) -> list[ParquetFile]:
+def open_files(files: list[DataFile], extras: Sequence[str]) -> list[ParquetFile]:
     """The files' footers, each checked against the schema (and the requested extra columns)."""
     opened = []
-    for path in files:
+    for file in files:
         try:
-            metadata = pq.read_metadata(path)
+            metadata = pq.read_metadata(str(file.path), filesystem=file.filesystem)
         except (OSError, pa.ArrowException) as exc:
-            raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-        check_file_schema(path, metadata, extras)
-        file_id = path.relative_to(dataset_root(path)).as_posix()
-        opened.append(ParquetFile(path, file_id, metadata))
+            raise DataError(f"{file}: not a readable Parquet file ({exc})") from None
+        check_file_schema(str(file), metadata, extras)
+        file_id = file.path.relative_to(dataset_root(file.path)).as_posix()
+        opened.append(ParquetFile(file, file_id, metadata))
     return opened
 
 
@@ -142,10 +222,16 @@ def row_groups(files: list[ParquetFile]) -> list[RowGroup]:
 
 def table_sizes_from_metadata(files: list[ParquetFile]) -> dict[str, int]:
     """The table sizes of the dataset root(s); several roots must agree."""
-    sizes_by_root: dict[Path, dict[str, int]] = {}
-    for root in sorted({dataset_root(f.path) for f in files}):
+    sizes_by_root: dict[str, dict[str, int]] = {}
+    roots = {
+        f"{f.source.scheme}{dataset_root(f.source.path)}": f.source.with_path(
+            dataset_root(f.source.path)
+        )
+        for f in files
+    }
+    for name in sorted(roots):
         try:
-            sizes_by_root[root] = schema.read_metadata(root)["table_sizes"]
+            sizes_by_root[name] = schema.read_metadata(*roots[name].location())["table_sizes"]
         except (FileNotFoundError, ValueError, DataError) as exc:
             raise DataError(f"{exc} (or pass table_sizes explicitly)") from None
     (first_root, sizes), *others = sizes_by_root.items()

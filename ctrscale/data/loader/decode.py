@@ -24,7 +24,10 @@ from ctrscale.errors import DataError
 
 def read_table(file: ParquetFile, group: RowGroup, columns: list[str], where: str) -> pa.Table:
     try:
-        handle = pq.ParquetFile(file.path, metadata=file.metadata)
+        source = file.source
+        handle = pq.ParquetFile(
+            str(source.path), metadata=file.metadata, filesystem=source.filesystem
+        )
         return handle.read_row_group(group.index, columns=columns)
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"{where}: cannot be read ({exc})") from None
