@@ -144,6 +144,14 @@ class DenseTransform(StrEnum):
     MINMAX = "minmax"
 
 
+class Precision(StrEnum):
+    """Arithmetic of the dense tower and interaction (ctrscale/train/precision.py)."""
+
+    AUTO = "auto"  # bf16 where the device computes it natively, else fp32
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
 class LoaderDecode(StrEnum):
     """Which rows each rank's loader decodes (ctrscale/data/loader/batch_loader.py)."""
 

@@ -232,6 +232,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="also time the largest batch with each method (a dense optimizer or transform: "
         "lamb, lambc, novograd, sngm, cblr, mclr, gsnr, extrap, …) against Adam, alternated",
     )
+    step.add_argument(
+        "--precision",
+        nargs="+",
+        choices=["fp32", "bf16"],
+        default=["fp32"],
+        help="measure each precision (train.precision) with its own compute-bound limit; the "
+        "first is the reference of the ratios",
+    )
     step.add_argument("--data", default=None, help="dataset (default: a synthetic one)")
     step.add_argument(
         "--rows", type=int, default=1_000_000, help="rows to generate when --data is not given"

@@ -27,6 +27,7 @@ from ctrscale.choices import (
     IdEncoding,
     LoaderDecode,
     ModelName,
+    Precision,
     RefreshHoldout,
     ScalingRule,
     ShardingChoice,
@@ -269,6 +270,10 @@ class TrainConfig(Section):
     # Drop this fraction of each global batch's rows with the smallest loss from the gradient
     # (Gao & Zhong 2020); 0 = off.
     discard_fraction: Fraction = 0.0
+    # bf16 autocast of the dense tower and interaction (fp32 master weights, optimizer state,
+    # embeddings, loss and metrics); auto = bf16 only where the device computes it natively
+    # (ctrscale/train/precision.py). fp32 by default: the same numbers on every machine.
+    precision: Precision = Precision.FP32
 
 
 class TrackingConfig(Section):

@@ -108,38 +108,45 @@ def measure(data: str, batch_sizes: list[int]) -> dict[str, Any]:
 
 
 def _rank_worker(
-    data: str, batch_size: int, rank: int, world_size: int, sharded: bool, start, results
+    data: str, batch_size: int, rank: int, world_size: int, layouts: list[bool], start, results
 ) -> None:
-    """One rank's loader: a first epoch, then (with every rank at once) the steady epochs."""
-    loader = ParquetBatchLoader(
-        [data], batch_size, rank=rank, world_size=world_size, sharded_decode=sharded,
-        drop_last=False,
-    )  # fmt: skip
-    epoch_rows_per_s(loader)
-    start.wait()
-    rows, started = 0, time.perf_counter()
-    for _ in range(STEADY_EPOCHS):
-        for batch in loader:
-            rows += batch.labels.numel()
-    results.put((rows, time.perf_counter() - started))
+    """One rank's loader in each layout (sharded or not): a first epoch, then (with every rank
+    at once) the steady epochs."""
+    for sharded in layouts:
+        loader = ParquetBatchLoader(
+            [data], batch_size, rank=rank, world_size=world_size, sharded_decode=sharded,
+            drop_last=False,
+        )  # fmt: skip
+        epoch_rows_per_s(loader)
+        start.wait()
+        rows, started = 0, time.perf_counter()
+        for _ in range(STEADY_EPOCHS):
+            for batch in loader:
+                rows += batch.labels.numel()
+        results.put((sharded, rows, time.perf_counter() - started))
 
 
-def aggregate_rows_per_s(data: str, batch_size: int, processes: int, sharded: bool) -> float:
-    """Rows/s of `processes` ranks reading one stream together (see the module docstring)."""
+def aggregate_rows_per_s(
+    data: str, batch_size: int, processes: int, layouts: list[bool]
+) -> dict[bool, float]:
+    """Rows/s of `processes` ranks reading one stream together in each layout (see the module
+    docstring): the same processes measure every layout, one after the other."""
     # spawn, not fork: a forked child would inherit this process's threads and buffers.
     context = multiprocessing.get_context("spawn")
     start, results = context.Barrier(processes), context.Queue()
     workers = [
         context.Process(
-            target=_rank_worker, args=(data, batch_size, rank, processes, sharded, start, results)
+            target=_rank_worker,
+            args=(data, batch_size, rank, processes, layouts, start, results),
         )
         for rank in range(processes)
     ]
     for worker in workers:
         worker.start()
-    finished: list[tuple[int, float]] = []
+    expected = processes * len(layouts)
+    finished: list[tuple[bool, int, float]] = []
     try:
-        while len(finished) < processes:
+        while len(finished) < expected:
             try:
                 finished.append(results.get(timeout=1.0))
             except queue.Empty:
@@ -151,22 +158,28 @@ def aggregate_rows_per_s(data: str, batch_size: int, processes: int, sharded: bo
                     ) from None
     finally:
         for worker in workers:
-            if len(finished) < processes:
+            if len(finished) < expected:
                 worker.terminate()  # the others wait at the barrier for the one that failed
             worker.join()
-    return sum(rows for rows, _ in finished) / max(seconds for _, seconds in finished)
+    return {
+        sharded: sum(r for s, r, _ in finished if s == sharded)
+        / max(t for s, _, t in finished if s == sharded)
+        for sharded in layouts
+    }
 
 
 def measure_processes(data: str, batch_size: int, processes: list[int]) -> list[dict[str, Any]]:
     runs = []
     for count in processes:
-        for sharded in (False, True) if count > 1 else (False,):
+        layouts = [False, True] if count > 1 else [False]
+        rates = aggregate_rows_per_s(data, batch_size, count, layouts)
+        for sharded in layouts:
             runs.append(
                 {
                     "processes": count,
                     "decode": "sharded" if sharded else "replicated",
                     "batch_size": batch_size,
-                    "rows_per_s": aggregate_rows_per_s(data, batch_size, count, sharded),
+                    "rows_per_s": rates[sharded],
                 }
             )
     single = next((r["rows_per_s"] for r in runs if r["processes"] == 1), None)

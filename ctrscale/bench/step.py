@@ -43,12 +43,16 @@ def synchronize(device: torch.device) -> None:
 
 
 def matmul_flops_per_s(
-    rows: int, device: torch.device = CPU, width: int = 400, repeats: int = 5
+    rows: int,
+    device: torch.device = CPU,
+    width: int = 400,
+    repeats: int = 5,
+    dtype: torch.dtype = torch.float32,
 ) -> float:
-    """Best-of FLOP/s of an [rows, width] × [width, width] float32 matmul (a DNN layer) on
+    """Best-of FLOP/s of an [rows, width] × [width, width] matmul (a DNN layer) in `dtype` on
     the device the steps run on."""
-    a = torch.randn(rows, width, device=device)
-    b = torch.randn(width, width, device=device)
+    a = torch.randn(rows, width, device=device, dtype=dtype)
+    b = torch.randn(width, width, device=device, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -127,9 +131,13 @@ def measure_one(config: Config, with_loader: bool, min_seconds: float) -> dict[s
         seconds += run(more)
         steps += more
     rows_per_s = steps * batch_size / seconds
-    limit = matmul_flops_per_s(batch_size, ctx.device) / train_flops_per_row(config.model)
+    # The limit in the precision the dense tower computes in: bf16 matmuls where it is bf16.
+    flops = matmul_flops_per_s(batch_size, ctx.device, dtype=trainer.precision)
+    limit = flops / train_flops_per_row(config.model)
     return {
         "batch_size": batch_size,
+        "precision": config.train.precision.value,
+        "precision_reason": trainer.precision_reason,
         "source": "loader" if with_loader else "memory",
         "steps": steps,
         "seconds": seconds,
@@ -233,9 +241,11 @@ def run_cli(args) -> int:
         base = [f"data.train=['{data}']", "data.holdout_fraction=0.0"]
         results = []
         for batch_size in args.batch_sizes:
-            for with_loader in (False, True) if args.with_loader else (False,):
-                results.append(_run_child(args, base, batch_size, with_loader))
-                _print_row(results[-1])
+            for precision in args.precision:
+                for with_loader in (False, True) if args.with_loader else (False,):
+                    child = [*base, f'train.precision="{precision}"']
+                    results.append(_run_child(args, child, batch_size, with_loader))
+                    _print_row(results[-1])
         largest = max(args.batch_sizes)
         if args.cowclip_overhead:
             overhead = _run_child(args, base, largest, extra=["--cowclip-overhead"])
@@ -280,7 +290,8 @@ def _run_child(
 
 def _print_row(r: dict[str, Any]) -> None:
     print(
-        f"batch {r['batch_size']:>7} {r['source']:>6}: {r['rows_per_s']:>12,.0f} rows/s  "
+        f"batch {r['batch_size']:>7} {r['precision']:>4} {r['source']:>6}: "
+        f"{r['rows_per_s']:>12,.0f} rows/s  "
         f"{r['fraction_of_limit']:6.1%} of compute-bound {r['compute_bound_rows_per_s']:,.0f}  "
         f"peak RSS {r['peak_rss_mib']:,.0f} MiB",
         flush=True,
@@ -288,18 +299,30 @@ def _print_row(r: dict[str, Any]) -> None:
 
 
 def _summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ratios of the runs: the first precision asked for gives the unqualified ones."""
     plain = [r for r in results if "source" in r]
-    memory = {r["batch_size"]: r for r in plain if r["source"] == "memory"}
-    loader = {r["batch_size"]: r for r in plain if r["source"] == "loader"}
-    smallest, largest = min(memory), max(memory)
+    precisions = list(dict.fromkeys(r["precision"] for r in plain))
+    memory = {(r["precision"], r["batch_size"]): r for r in plain if r["source"] == "memory"}
+    loader = {(r["precision"], r["batch_size"]): r for r in plain if r["source"] == "loader"}
+    first = precisions[0]
+    sizes = sorted(b for p, b in memory if p == first)
+    smallest, largest = sizes[0], sizes[-1]
     summary: dict[str, Any] = {
-        "fraction_of_limit_at_largest": memory[largest]["fraction_of_limit"],
-        "smallest_over_largest_rows_per_s": memory[smallest]["rows_per_s"]
-        / memory[largest]["rows_per_s"],
+        "precision": first,
+        "fraction_of_limit_at_largest": memory[first, largest]["fraction_of_limit"],
+        "smallest_over_largest_rows_per_s": memory[first, smallest]["rows_per_s"]
+        / memory[first, largest]["rows_per_s"],
     }
     if loader:
         summary["loader_over_memory_rows_per_s"] = {
-            b: loader[b]["rows_per_s"] / memory[b]["rows_per_s"] for b in loader
+            f"{p} {b}": loader[p, b]["rows_per_s"] / memory[p, b]["rows_per_s"] for p, b in loader
+        }
+    for precision in precisions[1:]:
+        summary[f"{precision}_fraction_of_limit_at_largest"] = memory[precision, largest][
+            "fraction_of_limit"
+        ]
+        summary[f"{precision}_over_{first}_rows_per_s"] = {
+            b: memory[precision, b]["rows_per_s"] / memory[first, b]["rows_per_s"] for b in sizes
         }
     for r in results:
         for key in ("cowclip_step_time_overhead", "step_time_over_adam"):

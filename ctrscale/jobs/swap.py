@@ -204,7 +204,8 @@ def average_replicas(
         reestimate_batch_norm(trainer, train_loader, config.swap.bn_batches)
     steps = max(_read(d)["steps"] for d in replica_dirs)
     Checkpointer(out / "checkpoints", None, trainer, train_loader).save(Progress(step=steps))
-    result = evaluate(trainer.dmp, eval_loader, ctx.device, id_frequency(config, train_loader, ctx))
+    frequency = id_frequency(config, train_loader, ctx)
+    result = evaluate(trainer.dmp, eval_loader, ctx.device, frequency, trainer.precision)
     metrics = {
         **result.as_dict(),
         "steps": steps,

@@ -66,7 +66,7 @@ def evaluate_checkpoint(settings: UserSettings, source: str | Path) -> dict[str,
     trainer = build_trainer(config, ctx, table_sizes, steps_per_epoch=1, total_steps=1)
     state = load_into(trainer, path, with_optimizer=False)
     frequency = id_frequency(config, train_loader, ctx)
-    result = evaluate(trainer.dmp, eval_loader, ctx.device, frequency)
+    result = evaluate(trainer.dmp, eval_loader, ctx.device, frequency, trainer.precision)
     return {"checkpoint": str(path), "step": state["step"], **result.as_dict()}
 
 

@@ -21,6 +21,7 @@ from ctrscale.data.schema import TRUE_PROBABILITY
 from ctrscale.errors import TrainingDiverged
 from ctrscale.metrics import exact_auc, logloss, logloss_from_logits
 from ctrscale.train.frequency import IdFrequency
+from ctrscale.train.precision import forward_logits
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,10 @@ def evaluate(
     batches: Iterable,
     device: torch.device,
     frequency: IdFrequency | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> EvalResult:
-    """Predict every batch of `batches` (this rank's slices) and score the gathered whole, and
-    each frequency bucket's rows."""
+    """Predict every batch of `batches` (this rank's slices; the dense tower in `dtype`, as it
+    trained) and score the gathered whole, and each frequency bucket's rows."""
     was_training = model.training
     model.eval()
     logits, labels, true_probs, buckets = [], [], [], []
@@ -98,7 +100,7 @@ def evaluate(
         if frequency is not None:
             buckets.append(frequency.buckets(batch.sparse_features).to(device))
         batch = batch.to(device, non_blocking=True)  # from pinned memory on CUDA
-        logits.append(model(batch.dense_features, batch.sparse_features).float().flatten())
+        logits.append(forward_logits(model, batch, dtype).flatten())
         labels.append(batch.labels.float().flatten())
         extras = getattr(batch, "extras", None) or {}
         if TRUE_PROBABILITY in extras:
@@ -143,8 +145,10 @@ class PeriodicEvaluator:
         device: torch.device,
         report: Callable[[int, int, EvalResult], None],
         frequency: IdFrequency | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.batches = batches
+        self.dtype = dtype
         self.every = every
         self.device = device
         self.report = report
@@ -161,7 +165,7 @@ class PeriodicEvaluator:
         return self._evaluate(model, step, epoch)
 
     def _evaluate(self, model: nn.Module, step: int, epoch: int) -> EvalResult:
-        result = evaluate(model, self.batches, self.device, self.frequency)
+        result = evaluate(model, self.batches, self.device, self.frequency, self.dtype)
         self.last = (step, result)
         self.report(step, epoch, result)
         return result

@@ -109,6 +109,7 @@ def _train(config: Config, out_dir: Path, ctx: DistContext, resume: bool) -> dic
             ctx.device,
             report_to(log),
             id_frequency(config, train_loader, ctx),
+            trainer.precision,
         )
 
         with contextlib.closing(log):  # also on errors: an error message starts on its own line
@@ -267,7 +268,7 @@ def write_run_files(
     starts = []
     if resumed_from is not None and (out_dir / RUN_JSON).exists():
         starts = json.loads((out_dir / RUN_JSON).read_text())["starts"]
-    starts.append({**environment(trainer.ctx), "resumed_from_step": resumed_from})
+    starts.append({**environment(trainer), "resumed_from_step": resumed_from})
     write_json_atomic(out_dir / RUN_JSON, {"starts": starts})
 
 
@@ -340,8 +341,9 @@ def report_to(log: MetricsLog):
     return report
 
 
-def environment(ctx: DistContext) -> dict[str, Any]:
+def environment(trainer: Trainer) -> dict[str, Any]:
     """Who ran a job, where, with what: for `run.json`."""
+    ctx = trainer.ctx
     return {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": sys.argv,
@@ -350,7 +352,8 @@ def environment(ctx: DistContext) -> dict[str, Any]:
         "host": socket.gethostname(),
         "world_size": ctx.world_size,
         "device": ctx.device.type,
-        "precision": "fp32",
+        "precision": str(trainer.precision).removeprefix("torch."),
+        "precision_reason": trainer.precision_reason,
         "torch": torch.__version__,
     }
 

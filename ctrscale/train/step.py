@@ -29,6 +29,7 @@ from ctrscale.optim.dense.update import DenseUpdate
 from ctrscale.optim.embedding.update import EmbeddingUpdate
 from ctrscale.optim.scaling import ResolvedHyperparameters, resolve_hyperparameters, scaled
 from ctrscale.train.discard import local_kept_rows
+from ctrscale.train.precision import forward_logits, resolve_precision
 
 
 @dataclass
@@ -40,6 +41,8 @@ class Trainer:
     ctx: DistContext
     config: Config  # as given, before batch-size scaling: what checkpoints record
     table_sizes: dict[str, int]
+    precision: torch.dtype  # of the dense tower (precision.py)
+    precision_reason: str
 
     def step(self, batch: Batch, global_rows: int, step: int) -> torch.Tensor:
         """Optimizer step number `step` on this rank's share of the global-batch mean loss;
@@ -53,7 +56,7 @@ class Trainer:
         """
         self.dense.zero_grad()
         self._extrapolate(batch, step)
-        logits = self.dmp(batch.dense_features, batch.sparse_features)
+        logits = forward_logits(self.dmp, batch, self.precision)
         losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
         trained, rows = self._discard_small_losses(losses, global_rows)
         if self.dense.gsnr is not None:
@@ -80,7 +83,7 @@ class Trainer:
         if self.dense.transform == GradientTransform.PAST_EXTRAPOLATION:
             self.dense.extrapolate(step)
         elif self.dense.transform == GradientTransform.EXTRAPOLATION:
-            logits = self.dmp(batch.dense_features, batch.sparse_features)
+            logits = forward_logits(self.dmp, batch, self.precision)
             local = F.binary_cross_entropy_with_logits(logits, batch.labels)
             grads = torch.autograd.grad(local, self.dense.params, allow_unused=True)
             self.dense.extrapolate(step, list(grads))
@@ -119,6 +122,8 @@ class Trainer:
                 "lr": self.dense.config.lr,
                 "transform": self.dense.transform.value,
             },
+            "precision": str(self.precision).removeprefix("torch."),
+            "precision_reason": self.precision_reason,
         }
 
     def state_tensors(self, with_optimizer: bool = True) -> dict[str, Any]:
@@ -193,4 +198,7 @@ def build_trainer(
         warmup_steps=hyperparameters.dense_warmup_steps,
         total_steps=total_steps,
     )
-    return Trainer(dmp, embedding, dense, hyperparameters, ctx, config, dict(table_sizes))
+    precision, reason = resolve_precision(config.train.precision, ctx.device)
+    return Trainer(
+        dmp, embedding, dense, hyperparameters, ctx, config, dict(table_sizes), precision, reason
+    )

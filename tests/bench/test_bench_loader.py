@@ -12,17 +12,17 @@ import pytest
 from ctrscale import cli
 
 
-def test_bench_loader_reports_one_process_and_the_aggregate_of_two(tmp_path, capsys):
+def test_bench_loader_reports_one_process_and_the_aggregate_of_two(tiny_dataset, tmp_path, capsys):
     out = tmp_path / "loader.json"
-    args = ["bench", "loader", "--rows", "20000", "--batch-sizes", "1024", "4096",
+    args = ["bench", "loader", "--data", str(tiny_dataset), "--batch-sizes", "512", "2048",
             "--processes", "1", "2", "--out", str(out)]  # fmt: skip
     assert cli.main(args) == 0
     results = json.loads(out.read_text())
-    assert results["rows"] == 20000 and len(results["runs"]) == 4
+    assert results["rows"] > 2048 and len(results["runs"]) == 4
     aggregate = {(r["processes"], r["decode"]): r for r in results["processes"]}
     assert set(aggregate) == {(1, "replicated"), (2, "replicated"), (2, "sharded")}
     for run in aggregate.values():
-        assert run["batch_size"] == 4096 and run["rows_per_s"] > 0
+        assert run["batch_size"] == 2048 and run["rows_per_s"] > 0
         assert run["over_one_process"] == pytest.approx(
             run["rows_per_s"] / aggregate[1, "replicated"]["rows_per_s"]
         )

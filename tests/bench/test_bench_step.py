@@ -40,7 +40,7 @@ def test_bench_step_reports_every_batch_size_source_the_cowclip_overhead_and_met
     loader = {r["batch_size"]: r["rows_per_s"] for r in runs if r["source"] == "loader"}
     assert report["smallest_over_largest_rows_per_s"] == pytest.approx(memory[256] / memory[1024])
     assert report["loader_over_memory_rows_per_s"] == pytest.approx(
-        {str(b): loader[b] / memory[b] for b in memory}
+        {f"fp32 {b}": loader[b] / memory[b] for b in memory}
     )
 
     (overhead,) = [run for run in report["runs"] if "cowclip_step_time_overhead" in run]
@@ -55,6 +55,27 @@ def test_bench_step_reports_every_batch_size_source_the_cowclip_overhead_and_met
         {m: seconds[m] / seconds["adam"] for m in ("lamb", "gsnr")}
     )
     assert "× Adam's step time" in done.stdout
+
+
+@pytest.mark.slow
+def test_bench_step_measures_each_precision_against_its_own_limit(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "step", "--batch-sizes", "512", "--precision", "fp32", "bf16",
+            "--rows", "20000", "--min-seconds", "0.3", "--out", str(out)]  # fmt: skip
+    for override in SMALL:
+        args += ["--set", override]
+    done = run_ctrscale(args)
+    report = json.loads(out.read_text())
+    fp32, bf16 = report["runs"]
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert "train.precision = bf16" in bf16["precision_reason"]
+    # Each against the matmul rate of its own dtype: the limits differ.
+    assert bf16["compute_bound_rows_per_s"] != fp32["compute_bound_rows_per_s"]
+    assert report["bf16_over_fp32_rows_per_s"] == pytest.approx(
+        {"512": bf16["rows_per_s"] / fp32["rows_per_s"]}
+    )
+    assert report["bf16_fraction_of_limit_at_largest"] == bf16["fraction_of_limit"]
+    assert " bf16 memory:" in done.stdout
 
 
 def test_flops_per_row_count_every_matrix_product_of_the_model():
