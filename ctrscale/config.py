@@ -332,6 +332,9 @@ class RefreshConfig(Section):
     auc_tolerance: float = 0.001
     # Floor for every candidate, also the first one (no published model to compare with).
     min_auc: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    # Also publish every model to this object-store prefix (s3://bucket/ctr, gs://…): its
+    # files, then its manifest, then the `latest` pointer (ctrscale/jobs/remote_registry.py).
+    publish_uri: str | None = None
     # Training/evaluation processes: 1 = inside the refresh process; N > 1 = launched with
     # `torchrun --standalone --nproc_per_node N` (one per GPU).
     nproc: PositiveInt = 1

@@ -4,10 +4,14 @@ synthetic dataset for training tests."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
-from support import CRITEO_SAMPLE, free_port
+from support import CRITEO_SAMPLE, S3_CREDENTIALS, free_port
 
 from ctrscale.runtime import tune_process
 
@@ -46,3 +50,36 @@ def tiny_dataset(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tiny") / "data"
     generate(directory, rows_per_day=TINY_ROWS, days=1, seed=3, cardinality_scale=TINY_SCALE)
     return directory
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A local S3-compatible server (moto) on a free port, with its endpoint and credentials in
+    the environment (child processes inherit them) while the session's tests run."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "moto did not start"
+            time.sleep(0.1)
+    saved = {key: os.environ.get(key) for key in [*S3_CREDENTIALS, "AWS_ENDPOINT_URL"]}
+    os.environ.update({**S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint})
+    try:
+        yield endpoint
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.terminate()
+        server.wait()

@@ -45,6 +45,7 @@ from ctrscale.errors import CtrscaleError, ExitCode
 from ctrscale.jobs.launch import run_evaluation, run_training
 from ctrscale.jobs.partitions import encoding_fingerprint, ensure_partition
 from ctrscale.jobs.registry import CONFIG, Registry
+from ctrscale.jobs.remote_registry import RemoteRegistry
 from ctrscale.locking import ExclusiveLock, describe_holder
 from ctrscale.train import checkpoint
 from ctrscale.train.checkpoint import resolve_checkpoint
@@ -171,6 +172,7 @@ class RefreshJob:
         date = day.isoformat()
         if self.registry.is_published(date):
             log.info("%s: already published in %s", date, self.registry.model_dir(date))
+            self._publish_remote(date)  # a publish whose upload was interrupted completes
             return DayResult(date, "already_published")
         latest = self.registry.latest()
         if latest is not None and date < latest:
@@ -243,6 +245,7 @@ class RefreshJob:
             tracker.finish(artifacts=())
         if decision.publish:
             model = self.registry.publish(date, candidate_checkpoint, work / "train.toml", record)
+            self._publish_remote(date)
             shutil.rmtree(work)
             log.info("%s: published %s; latest = %s", date, model, date)
             return DayResult(date, "published", ExitCode.OK, {**detail, "model": str(model)})
@@ -251,6 +254,12 @@ class RefreshJob:
         where = self.registry.reject(date, train_config, record)
         shutil.rmtree(work)
         return DayResult(date, "rejected", ExitCode.REJECTED, {**detail, "rejected": str(where)})
+
+    def _publish_remote(self, date: str) -> None:
+        """The published model also at refresh.publish_uri, if set (remote_registry.py)."""
+        if self.refresh.publish_uri:
+            remote = RemoteRegistry(self.refresh.publish_uri)
+            remote.publish(date, self.registry.model_dir(date))
 
     def _tracker(self, date: str, work: Path) -> MlflowSink | None:
         """The day's MLflow run (the training run is its child), if tracking.mlflow_uri is

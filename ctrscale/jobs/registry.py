@@ -19,8 +19,9 @@ renamed to `models/<date>` (atomic), then `latest` is replaced (atomic). `publis
 the date first, so `recover()` can tell an interrupted publish (finish it: point `latest` at
 the renamed model) from a deliberate rollback of `latest` (leave it).
 
-`CTRSCALE_TEST_PAUSE_BEFORE=publish|rename|latest` makes a refresh sleep at that point so a
-test can kill -9 it there deterministically; nothing else reads it.
+`CTRSCALE_TEST_PAUSE_BEFORE=publish|rename|latest` (and `upload|remote_manifest|remote_latest`
+of remote_registry.py) makes a refresh sleep at that point so a test can kill -9 it there
+deterministically; nothing else reads it.
 """
 
 from __future__ import annotations

@@ -4,77 +4,24 @@ as the local copy, and clear errors for what is not there."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import pyarrow.fs as pafs
 import pytest
 from runner import metrics, run_ctrscale, tiny_overrides, train_args
-from support import free_port
+from support import s3_filesystem
 
 from ctrscale.data.loader import ParquetBatchLoader
 from ctrscale.errors import DataError
 
 BUCKET = "ctr-logs"
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on a free port; its endpoint and credentials in the environment (which
-    child processes inherit) for as long as the module's tests run."""
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, "moto did not start"
-            time.sleep(0.1)
-    saved = {key: os.environ.get(key) for key in [*CREDENTIALS, "AWS_ENDPOINT_URL"]}
-    os.environ.update({**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint})
-    try:
-        yield endpoint
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.terminate()
-        server.wait()
 
 
 @pytest.fixture(scope="module")
 def s3_dataset(s3_endpoint, tiny_dataset) -> str:
     """The tiny synthetic dataset copied to s3://ctr-logs/tiny (metadata.json included)."""
-    s3 = pafs.S3FileSystem(endpoint_override=s3_endpoint, allow_bucket_creation=True, **_keys())
+    s3 = s3_filesystem(s3_endpoint)
     s3.create_dir(BUCKET)
     pafs.copy_files(str(tiny_dataset), f"{BUCKET}/tiny", destination_filesystem=s3)
     return f"s3://{BUCKET}/tiny"
-
-
-def _keys() -> dict[str, str]:
-    return {
-        "access_key": CREDENTIALS["AWS_ACCESS_KEY_ID"],
-        "secret_key": CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-        "region": CREDENTIALS["AWS_DEFAULT_REGION"],
-    }
 
 
 def rows(loader: ParquetBatchLoader) -> list[list[float]]:

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 from jobs.harness import assert_dataset_consistent, assert_registry_consistent
+from support import s3_filesystem
 
 from ctrscale.data.schema import read_metadata
 from ctrscale.errors import ExitCode
 from ctrscale.jobs.refresh import LOCK_FILE
+from ctrscale.jobs.remote_registry import RemoteRegistry
 from ctrscale.locking import ExclusiveLock
 
 DAYS = ["2024-01-01", "2024-01-02", "2024-01-03"]
@@ -215,3 +217,32 @@ def test_a_days_refresh_is_an_mlflow_run_with_its_gate_and_its_training_as_child
         result.summary["days"][0]["candidate_auc"]
     )
     assert "train/loss" in training.data.metrics
+
+
+@pytest.mark.slow
+def test_publishing_to_an_object_store_survives_a_kill_9_before_the_manifest(
+    refresh, tmp_path, s3_endpoint
+):
+    s3_filesystem(s3_endpoint).create_dir("models")
+    remote_uri = {"refresh.publish_uri": "s3://models/ctr"}
+    assert refresh.run("--date", DAYS[0], **remote_uri).code == ExitCode.OK
+    remote = RemoteRegistry("s3://models/ctr")
+    assert remote.latest() == DAYS[0]
+    remote.verify(DAYS[0])
+
+    log = tmp_path / "killed.log"
+    process = refresh.start(
+        "--date", DAYS[1], log=log, pause_before="remote_manifest", **remote_uri
+    )
+    marker = "CTRSCALE_TEST_PAUSE_BEFORE=remote_manifest: pausing"
+    _wait_for(lambda: marker in log.read_text(), process, "the pause before the manifest")
+    _kill_9(process)
+    # Every file of the new model is uploaded but its manifest is not: readers see only the
+    # previous model, and `latest` still names it.
+    assert not remote.is_published(DAYS[1]) and remote.latest() == DAYS[0]
+
+    rerun = refresh.run("--date", DAYS[1], **remote_uri)
+    assert rerun.code == ExitCode.OK, rerun
+    assert remote.latest() == DAYS[1]
+    remote.verify(DAYS[1])
+    assert_registry_consistent(refresh.registry, DAYS[:2], latest=DAYS[1])

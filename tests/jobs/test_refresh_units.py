@@ -26,6 +26,7 @@ from ctrscale.jobs.refresh import (
     requested_days,
 )
 from ctrscale.jobs.registry import Registry, RegistryError
+from ctrscale.jobs.remote_registry import RemoteRegistry
 
 
 def scores(auc: float, logloss: float = 0.45) -> dict[str, float]:
@@ -181,3 +182,32 @@ def test_publish_verify_and_recover(tmp_path):
     (registry.root / "latest").write_text("2024-01-01\n")
     registry.recover()
     assert registry.latest() == "2024-01-01"
+
+
+def test_a_remote_publish_uploads_the_manifest_last_and_never_moves_latest_back(tmp_path):
+    registry = Registry(tmp_path / "reg")
+    config = tmp_path / "train.toml"
+    config.write_text("[train]\n")
+    for day in ["2024-01-01", "2024-01-02"]:
+        registry.publish(day, fake_checkpoint(tmp_path / day), config, {"date": day})
+    # A local directory through pyarrow.fs stands in for the bucket here (tests/jobs/
+    # test_refresh_job.py publishes to a real S3 server and kills it mid-upload).
+    remote = RemoteRegistry(f"file://{tmp_path / 'bucket'}")
+    uploaded: list[str] = []
+    original = remote._upload
+    remote._upload = lambda source, *parts: uploaded.append(parts[-1]) or original(source, *parts)
+    remote.publish("2024-01-02", registry.model_dir("2024-01-02"))
+    assert uploaded[-1] == "manifest.json" and len(uploaded) == 6
+    assert remote.latest() == "2024-01-02"
+    remote.publish("2024-01-01", registry.model_dir("2024-01-01"))  # a late older day
+    assert remote.is_published("2024-01-01") and remote.latest() == "2024-01-02"
+    remote.verify("2024-01-01")
+
+    uploaded.clear()
+    remote.publish("2024-01-02", registry.model_dir("2024-01-02"))  # already there: no upload
+    assert uploaded == []
+    (tmp_path / "bucket/models/2024-01-01/checkpoint/__0_0.distcp").write_bytes(b"tampered")
+    with pytest.raises(RegistryError, match="sha256"):
+        remote.verify("2024-01-01")
+    with pytest.raises(RegistryError, match=r"no manifest\.json"):
+        remote.verify("2024-01-03")
