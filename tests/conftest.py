@@ -71,15 +71,11 @@ def s3_endpoint():
         except OSError:
             assert server.poll() is None and time.monotonic() < deadline, "moto did not start"
             time.sleep(0.1)
-    saved = {key: os.environ.get(key) for key in [*S3_CREDENTIALS, "AWS_ENDPOINT_URL"]}
-    os.environ.update({**S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint})
     try:
-        yield endpoint
+        with pytest.MonkeyPatch.context() as environment:
+            for key, value in {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}.items():
+                environment.setenv(key, value)
+            yield endpoint
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         server.terminate()
         server.wait()

@@ -186,10 +186,9 @@ def test_publish_verify_and_recover(tmp_path):
 
 def test_a_remote_publish_uploads_the_manifest_last_and_never_moves_latest_back(tmp_path):
     registry = Registry(tmp_path / "reg")
-    config = tmp_path / "train.toml"
-    config.write_text("[train]\n")
+    (tmp_path / "train.toml").write_text("[train]\n")
     for day in ["2024-01-01", "2024-01-02"]:
-        registry.publish(day, fake_checkpoint(tmp_path / day), config, {"date": day})
+        registry.publish(day, fake_checkpoint(tmp_path / day), tmp_path / "train.toml", {})
     # A local directory through pyarrow.fs stands in for the bucket here (tests/jobs/
     # test_refresh_job.py publishes to a real S3 server and kills it mid-upload).
     remote = RemoteRegistry(f"file://{tmp_path / 'bucket'}")
