@@ -143,6 +143,29 @@ def test_two_processes_match_one_process(tiny_dataset, tmp_path, sharding, trans
         torch.testing.assert_close(double[name], single[name], rtol=1e-5, atol=atol)
 
 
+@pytest.mark.slow
+def test_ghost_batch_norm_gives_two_processes_the_weights_of_one(tiny_dataset, tmp_path):
+    """Ghost batches of 256 rows: 1 process normalises its 2,048-row batch in 8 ghosts, each of
+    2 ranks its 1,024 rows in 4 — the same 8, so the weights agree. The running statistics do
+    not (each rank tracks its own ghosts; DDP broadcasts rank 0's), so they are not compared."""
+    overrides = tiny_overrides(
+        tiny_dataset,
+        **{"train.max_steps": 4, "model.batch_norm": True, "model.ghost_batch_size": 256,
+           **dense_method("none"), "optim.embedding.name": "sgd", "optim.embedding.lr": 0.5},
+    )  # fmt: skip
+    run_ctrscale(train_args(tmp_path / "one", overrides))
+    run_ctrscale(train_args(tmp_path / "two", overrides), nproc=2)
+    single = final_parameters(tmp_path / "one", tmp_path)
+    double = final_parameters(tmp_path / "two", tmp_path)
+    statistics = [name for name in single if "running_" in name or "num_batches" in name]
+    assert statistics  # the model has batch norm
+    weights = [name for name in single if name not in statistics]
+    norms = {name.removesuffix("running_mean") for name in statistics if "running_mean" in name}
+    assert {f"{norm}weight" for norm in norms} <= set(weights)  # their scales are compared
+    for name in weights:
+        torch.testing.assert_close(double[name], single[name], rtol=1e-5, atol=1e-7)
+
+
 def dense_method(method: str) -> dict:
     """`none` or a gradient transform or schedule on plain SGD, or a dense optimizer by name."""
     sgd = {"optim.dense.name": "sgd", "optim.dense.lr": 0.05}
