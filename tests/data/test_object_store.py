@@ -1,8 +1,11 @@
-"""Parquet data read from an object store (S3 through pyarrow.fs), against a local S3-compatible
-server (moto) that the tests start themselves: the same batches and the same training result
-as the local copy, and clear errors for what is not there."""
+"""Parquet data in an object store (S3 through pyarrow.fs), against a local S3-compatible server
+(moto) that the tests start themselves: read with the same batches and the same training result
+as the local copy, clear errors for what is not there, and `prepare --out s3://…` publishing
+days through metadata.json."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -65,3 +68,55 @@ def test_training_from_the_object_store_matches_training_from_disk(
     local, from_s3 = metrics(tmp_path / "local"), metrics(tmp_path / "remote")
     for key in ("auc", "logloss", "steps", "bayes_auc"):
         assert from_s3[key] == local[key], key
+
+
+@pytest.fixture(scope="module")
+def raw_days(tmp_path_factory) -> list[Path]:
+    """Two small raw Criteo days, day_0.tsv and day_1.tsv."""
+    from ctrscale.data.synth import generate
+
+    directory = tmp_path_factory.mktemp("raw")
+    generate(directory, rows_per_day=3000, days=2, seed=5, cardinality_scale=0.0003, fmt="tsv")
+    return sorted(directory.glob("day_*.tsv"))
+
+
+def prepare(inputs: list[Path], out: str, *extra: str):
+    return run_ctrscale(["prepare", *map(str, inputs), "--out", out, "--ids", "vocab", *extra])
+
+
+def all_rows(path: str) -> list[float]:
+    loader = ParquetBatchLoader([path], 512, shuffle=False, drop_last=False)
+    return sorted(value for batch in rows(loader) for value in batch)
+
+
+def test_prepare_onto_an_object_store_publishes_days_only_through_metadata(
+    s3_endpoint, raw_days, tmp_path
+):
+    s3 = s3_filesystem(s3_endpoint)
+    s3.create_dir("prepared")
+    uri = "s3://prepared/criteo"
+    prepare(raw_days[:1], uri)
+    prepare(raw_days[1:], uri)  # a later day: the stored vocabulary keeps ids stable
+    prepare(raw_days, str(tmp_path / "local"))
+    assert all_rows(uri) == all_rows(str(tmp_path / "local"))
+    listing = s3.get_file_info(pafs.FileSelector("prepared/criteo", recursive=True))
+    days = {
+        f.path.split("/")[-2] for f in listing if f.path.endswith(".parquet") and "day=" in f.path
+    }
+    assert days == {"day=0", "day=1"}
+
+    # Objects of a day whose upload has not finished (not in metadata.json yet) are not read.
+    s3.copy_file(
+        "prepared/criteo/day=0/part-00000.parquet", "prepared/criteo/day=7/part-00000.parquet"
+    )
+    assert (
+        ParquetBatchLoader([uri], 512).num_rows
+        == ParquetBatchLoader([str(tmp_path / "local")], 512).num_rows
+    )
+
+    refused = run_ctrscale(
+        ["prepare", str(raw_days[0]), "--out", uri, "--ids", "vocab"], check=False
+    )
+    assert refused.returncode == 2 and f"{uri}: day=0 already exist" in refused.stderr
+    prepare(raw_days[:1], uri, "--overwrite")
+    assert all_rows(uri) == all_rows(str(tmp_path / "local"))

@@ -16,6 +16,7 @@ come from the usual environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, …) or th
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -143,9 +144,30 @@ def _object_store_files(uri: str) -> list[DataFile]:
         and entry.path.endswith(".parquet")
         and not any(_is_ignored(part) for part in PurePosixPath(entry.path).relative_to(base).parts)
     ]
+    listed: dict[str, set[str] | None] = {}  # per dataset root, read once per listing
+    found = [file for file in found if _listed_day(file, listed)]
     if not found:
         raise DataError(f"{uri}: no .parquet objects under this prefix")
     return found
+
+
+def _listed_day(file: DataFile, listed: dict[str, set[str] | None]) -> bool:
+    """Whether an object-store file's `day=N` is one its dataset's metadata.json lists (as
+    `ctrscale prepare` writes it, ctrscale/data/prepare/store.py): a day whose upload has
+    not finished, or one being replaced, is not listed yet and is skipped. Datasets whose
+    metadata.json has no `days` (synth, other tools) are read whole."""
+    day = next((p for p in reversed(file.path.parts) if _DAY_DIRECTORY.fullmatch(p)), None)
+    if day is None:
+        return True
+    root = str(dataset_root(file.path))
+    if root not in listed:
+        try:
+            with file.filesystem.open_input_stream(f"{root}/{schema.METADATA_FILE}") as f:
+                days = json.loads(f.read()).get("days")
+        except (FileNotFoundError, ValueError):
+            days = None
+        listed[root] = {f"day={d}" for d in days} if isinstance(days, dict) else None
+    return listed[root] is None or day in listed[root]
 
 
 def resolve_sources(paths: Iterable[str | os.PathLike[str]]) -> list[DataFile]:

@@ -37,7 +37,7 @@ LOCK_FILE = ".prepare.lock"
 _DAY_NAME = re.compile(r"^day_(\d+)(\.[A-Za-z0-9]+)*$")
 
 
-def _assign_days(inputs: list[Path], days: list[int] | None) -> list[int]:
+def assign_days(inputs: list[Path], days: list[int] | None) -> list[int]:
     """`days` as given, else N from names like day_N(.gz), else 0, 1, 2, … in input order."""
     if days is not None:
         if len(days) != len(inputs):
@@ -116,7 +116,7 @@ def prepare_files(
     for path in inputs:
         if not path.is_file():
             raise CtrscaleError(f"{path}: no such input file")
-    jobs = list(zip(inputs, _assign_days(inputs, days), strict=True))
+    jobs = list(zip(inputs, assign_days(inputs, days), strict=True))
 
     usable_directory(out_dir, "--out")
     with ExclusiveLock(out_dir / LOCK_FILE, "another `ctrscale prepare` is writing this dataset"):
@@ -207,9 +207,18 @@ def _describe_input(entry: dict[str, Any]) -> str:
 
 def run_cli(args: argparse.Namespace) -> int:
     """`ctrscale prepare`: convert, print the summary, exit 0 (errors raise CtrscaleError)."""
-    summary = prepare_files(
-        inputs=[Path(path) for path in args.inputs],
-        out_dir=Path(args.out),
+    from ctrscale.data.loader.dataset import is_uri
+
+    if is_uri(args.out):
+        from ctrscale.data.prepare.store import prepare_to_store
+
+        def prepare(inputs, out_dir, **options):
+            return prepare_to_store(inputs, args.out, **options)
+    else:
+        prepare = prepare_files
+    summary = prepare(
+        inputs=[Path(path).resolve() for path in args.inputs],
+        out_dir=args.out,
         days=args.day,
         dense_transform=args.dense_transform,
         ids=args.ids,
@@ -225,6 +234,6 @@ def run_cli(args: argparse.Namespace) -> int:
         f"prepared {len(summary['inputs'])} day(s) into {summary['out']}: "
         f"{summary['rows_in']:,} rows in, {summary['rows_out']:,} out, "
         f"{summary['rejected']:,} rejected; {summary['seconds']:.1f} s, "
-        f"{summary['rows_per_s'] or 0:,} rows/s (details: {Path(summary['out']) / SUMMARY_FILE})"
+        f"{summary['rows_per_s'] or 0:,} rows/s (details: {summary['out']}/{SUMMARY_FILE})"
     )
     return 0
