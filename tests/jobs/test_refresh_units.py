@@ -193,8 +193,10 @@ def test_a_remote_publish_uploads_the_manifest_last_and_never_moves_latest_back(
     # test_refresh_job.py publishes to a real S3 server and kills it mid-upload).
     remote = RemoteRegistry(f"file://{tmp_path / 'bucket'}")
     uploaded: list[str] = []
-    original = remote._upload
-    remote._upload = lambda source, *parts: uploaded.append(parts[-1]) or original(source, *parts)
+    original = remote.store.upload
+    remote.store.upload = lambda source, *parts: (
+        uploaded.append(parts[-1]) or original(source, *parts)
+    )
     remote.publish("2024-01-02", registry.model_dir("2024-01-02"))
     assert uploaded[-1] == "manifest.json" and len(uploaded) == 6
     assert remote.latest() == "2024-01-02"

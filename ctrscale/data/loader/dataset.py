@@ -7,10 +7,9 @@ non-empty row groups every epoch is planned from, and the table sizes the roots'
 gives. Nothing here decodes data: all of it comes from directory listings and footers.
 
 A path may also be a URI of an object store (`s3://bucket/prefix`, `gs://…`, `hdfs://…`): a
-dataset prefix, a `day=N` prefix or one object, read through `pyarrow.fs` — pyarrow's own
-clients, which read row-group ranges without fetching whole files; credentials and endpoints
-come from the usual environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, …) or the URI's query
-(`?endpoint_override=host:port&scheme=http`). Globs are local only.
+dataset prefix, a `day=N` prefix or one object, read through `pyarrow.fs` (ctrscale/storage.py)
+— pyarrow's own clients, which read row-group ranges without fetching whole files. Globs are
+local only.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ import pyarrow.parquet as pq
 from ctrscale.data import schema
 from ctrscale.data.loader.validation import check_file_schema
 from ctrscale.errors import DataError
+from ctrscale.storage import STORE_ERRORS, is_uri
 
 _DAY_DIRECTORY = re.compile(r"day=\d+")
 
@@ -94,12 +94,6 @@ def resolve_parquet_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]
     return sorted(files, key=_natural_key)
 
 
-def is_uri(path: str | os.PathLike[str]) -> bool:
-    """`scheme://…` of an object store (a `file://` URI is read as the local path it names)."""
-    text = os.fspath(path)
-    return "://" in text and not text.startswith("file://")
-
-
 @dataclass(frozen=True)
 class DataFile:
     """A Parquet file where the loader found it: a filesystem and the path on it."""
@@ -126,7 +120,7 @@ def _object_store_files(uri: str) -> list[DataFile]:
     try:
         filesystem, base = pafs.FileSystem.from_uri(uri)
         info = filesystem.get_file_info(base)
-    except (OSError, pa.ArrowException) as exc:
+    except STORE_ERRORS as exc:
         raise DataError(f"{uri}: cannot be opened ({exc})") from None
     scheme = uri.split("://")[0] + "://"
     if info.type == pafs.FileType.NotFound:
@@ -135,7 +129,7 @@ def _object_store_files(uri: str) -> list[DataFile]:
         return [DataFile(filesystem, PurePosixPath(base), scheme)]
     try:
         listing = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
-    except (OSError, pa.ArrowException) as exc:
+    except STORE_ERRORS as exc:
         raise DataError(f"{uri}: cannot be listed ({exc})") from None
     found = [
         DataFile(filesystem, PurePosixPath(entry.path), scheme)

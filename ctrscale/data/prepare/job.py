@@ -29,6 +29,7 @@ from ctrscale.data.prepare.writer import TMP_PREFIX, convert_day
 from ctrscale.errors import CtrscaleError
 from ctrscale.files import usable_directory, write_json_atomic
 from ctrscale.locking import ExclusiveLock
+from ctrscale.storage import is_uri
 
 DEFAULT_ROW_GROUP_ROWS = 131_072
 DEFAULT_MAX_REJECT_FRACTION = 0.001
@@ -207,8 +208,6 @@ def _describe_input(entry: dict[str, Any]) -> str:
 
 def run_cli(args: argparse.Namespace) -> int:
     """`ctrscale prepare`: convert, print the summary, exit 0 (errors raise CtrscaleError)."""
-    from ctrscale.data.loader.dataset import is_uri
-
     if is_uri(args.out):
         from ctrscale.data.prepare.store import prepare_to_store
 

@@ -25,82 +25,39 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.fs as pafs
-
 from ctrscale.data import schema
 from ctrscale.data.prepare.job import SUMMARY_FILE, assign_days, prepare_files
 from ctrscale.data.prepare.vocab import VOCAB_DIR
 from ctrscale.data.prepare.writer import MANIFEST_FILE
 from ctrscale.errors import CtrscaleError
-
-
-class ObjectStoreDataset:
-    def __init__(self, uri: str) -> None:
-        self.uri = uri.split("?")[0].rstrip("/")
-        try:
-            self.filesystem, base = pafs.FileSystem.from_uri(uri)
-        except (OSError, pa.ArrowException) as exc:
-            raise CtrscaleError(f"--out {uri}: cannot be opened ({exc})") from None
-        self.base = base.rstrip("/")
-
-    def metadata(self) -> dict[str, Any] | None:
-        try:
-            with self.filesystem.open_input_stream(f"{self.base}/{schema.METADATA_FILE}") as f:
-                return json.loads(f.read())
-        except FileNotFoundError:
-            return None
-
-    def download(self, name: str, staging: Path) -> None:
-        """`name` (a file or a prefix) into `staging`, if the store has it."""
-        info = self.filesystem.get_file_info(f"{self.base}/{name}")
-        if info.type == pafs.FileType.NotFound:
-            return
-        if info.type == pafs.FileType.Directory:
-            (staging / name).mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(
-            f"{self.base}/{name}",
-            str(staging / name),
-            source_filesystem=self.filesystem,
-            destination_filesystem=pafs.LocalFileSystem(),
-        )
-
-    def upload(self, staging: Path, name: str) -> None:
-        path = f"{self.base}/{name}"
-        with open(staging / name, "rb") as local, self.filesystem.open_output_stream(path) as out:
-            while chunk := local.read(8 << 20):
-                out.write(chunk)
-
-    def write_metadata(self, meta: dict[str, Any]) -> None:
-        with self.filesystem.open_output_stream(f"{self.base}/{schema.METADATA_FILE}") as out:
-            out.write(json.dumps(meta, indent=2).encode())
-
-    def delete_day(self, day: int) -> None:
-        prefix = f"{self.base}/day={day}"
-        if self.filesystem.get_file_info(prefix).type != pafs.FileType.NotFound:
-            self.filesystem.delete_dir(prefix)
+from ctrscale.storage import STORE_ERRORS, ObjectStore
 
 
 def prepare_to_store(inputs: list[Path], uri: str, **options: Any) -> dict[str, Any]:
     """`prepare_files` onto the object-store dataset at `uri` (see the module docstring)."""
-    store = ObjectStoreDataset(uri)
+    store = ObjectStore(uri, "--out")
     try:
         return _prepare(store, inputs, options)
-    except (OSError, pa.ArrowException) as exc:
+    except STORE_ERRORS as exc:
         raise CtrscaleError(
             f"{store.uri}: object store error ({exc}); the days listed in its metadata.json "
             "are as they were, rerun to finish"
         ) from None
 
 
-def _prepare(store: ObjectStoreDataset, inputs: list[Path], options: dict[str, Any]):
-    meta = store.metadata()
+def _stored_metadata(store: ObjectStore) -> dict[str, Any] | None:
+    text = store.read_bytes(schema.METADATA_FILE)
+    return None if text is None else json.loads(text)
+
+
+def _prepare(store: ObjectStore, inputs: list[Path], options: dict[str, Any]):
+    meta = _stored_metadata(store)
     days = assign_days(inputs, options.pop("days", None))
     with tempfile.TemporaryDirectory(prefix="ctrscale-prepare-") as staging_dir:
         staging = Path(staging_dir)
         if meta is not None:
-            store.download(schema.METADATA_FILE, staging)
-            store.download(VOCAB_DIR, staging)
+            store.download(staging / schema.METADATA_FILE, schema.METADATA_FILE)
+            store.download(staging / VOCAB_DIR, VOCAB_DIR)
             taken = [day for day in days if str(day) in meta.get("days", {})]
             if taken and not options.get("overwrite"):
                 raise CtrscaleError(
@@ -110,20 +67,21 @@ def _prepare(store: ObjectStoreDataset, inputs: list[Path], options: dict[str, A
             if taken:
                 # Readers stop seeing these days before any of their objects change.
                 meta["days"] = {k: v for k, v in meta["days"].items() if int(k) not in taken}
-                store.write_metadata(meta)
-                (staging / schema.METADATA_FILE).write_text(json.dumps(meta))
+                unlisted = json.dumps(meta, indent=2)
+                store.write_bytes(unlisted.encode(), schema.METADATA_FILE)
+                (staging / schema.METADATA_FILE).write_text(unlisted)
         summary = prepare_files(inputs, staging, days=days, **options)
         for day in days:
-            store.delete_day(day)  # an old version, or objects a killed run left unlisted
+            store.delete_prefix(f"day={day}")  # an old version, or a killed run's objects
             files = json.loads((staging / f"day={day}" / MANIFEST_FILE).read_text())["files"]
-            for entry in files:
-                store.upload(staging, f"day={day}/{entry['path']}")
-            store.upload(staging, f"day={day}/{MANIFEST_FILE}")
+            for name in [*(entry["path"] for entry in files), MANIFEST_FILE]:
+                store.upload(staging / f"day={day}" / name, f"day={day}", name)
         if meta is None and (staging / VOCAB_DIR).is_dir():
             for table in sorted((staging / VOCAB_DIR).iterdir()):
-                store.upload(staging, f"{VOCAB_DIR}/{table.name}")
-        store.upload(staging, schema.METADATA_FILE)  # the new days become visible here
+                store.upload(table, VOCAB_DIR, table.name)
+        # The new days become visible here.
+        store.upload(staging / schema.METADATA_FILE, schema.METADATA_FILE)
         summary["out"] = store.uri
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        store.upload(staging, SUMMARY_FILE)
+        store.upload(staging / SUMMARY_FILE, SUMMARY_FILE)
         return summary
