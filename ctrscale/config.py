@@ -256,6 +256,9 @@ class TrainConfig(Section):
     # start fresh (unless `warm_start_continue_data`). The daily refresh warm-starts this way.
     warm_start: str | None = None
     warm_start_optimizer: bool = True
+    # Also keep the run's checkpoints in an object store (s3://bucket/runs/x): uploaded after
+    # each save, fetched by --resume when the run directory has none (a new machine).
+    checkpoint_uri: str | None = None
     # A warm start that continues the checkpoint's data stream: the run starts at the row the
     # checkpoint stopped at (in this run's batches and shard), and its step count continues as
     # if it had trained those rows at its own batch size (SWAP's phase 2).

@@ -96,6 +96,11 @@ class ObjectStore:
             return None
         return size, digest.hexdigest()
 
+    def list_names(self, *parts: str) -> list[str]:
+        """The names of the objects and prefixes directly under U/parts."""
+        selector = pafs.FileSelector(self.path(*parts), allow_not_found=True)
+        return sorted(info.base_name for info in self.filesystem.get_file_info(selector))
+
     def delete_prefix(self, *parts: str) -> None:
         if self.exists(*parts):
             self.filesystem.delete_dir(self.path(*parts))

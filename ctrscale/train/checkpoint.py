@@ -43,6 +43,7 @@ from ctrscale.files import publish_dir, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from ctrscale.data.loader import ParquetBatchLoader
+    from ctrscale.train.checkpoint_mirror import CheckpointMirror
     from ctrscale.train.step import Trainer
 
 LATEST = "latest"
@@ -285,18 +286,31 @@ class Checkpointer:
     end), restores the latest checkpoint with the loader's position, or warm-starts."""
 
     def __init__(
-        self, directory: Path, every: int | None, trainer: Trainer, loader: ParquetBatchLoader
+        self,
+        directory: Path,
+        every: int | None,
+        trainer: Trainer,
+        loader: ParquetBatchLoader,
+        mirror: CheckpointMirror | None = None,
     ) -> None:
         self.directory = directory
         self.every = every
         self.trainer = trainer
         self.loader = loader
+        self.mirror = mirror  # the object-store copy (checkpoint_mirror.py), if any
 
     def has_checkpoint(self) -> bool:
-        return (self.directory / LATEST).exists()
+        """A checkpoint here, or in the object-store copy a new run would overwrite."""
+        local = (self.directory / LATEST).exists()
+        return local or (self.mirror is not None and self.mirror.latest() is not None)
 
     def restore(self) -> Progress | None:
-        """Continue from the latest checkpoint, exactly where it stopped; None without one."""
+        """Continue from the latest checkpoint, exactly where it stopped (fetched from the
+        object-store copy when there is none here); None without one."""
+        if self.mirror is not None and not (self.directory / LATEST).exists():
+            if _is_main():
+                self.mirror.download_latest(self.directory)
+            _barrier()
         path = latest_checkpoint(self.directory)
         if path is None:
             return None
@@ -338,4 +352,8 @@ class Checkpointer:
         }
         del state["step"]  # save_checkpoint records it
         tensors = self.trainer.state_tensors()
-        save_checkpoint(self.directory, progress.step, tensors, state, self.trainer.config)
+        saved = save_checkpoint(self.directory, progress.step, tensors, state, self.trainer.config)
+        if self.mirror is not None:
+            if _is_main():
+                self.mirror.upload(saved)
+            _barrier()

@@ -5,6 +5,7 @@ and what it prints and writes besides the training loop's own files."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,14 @@ from ctrscale.files import finite_or_none, write_json_atomic
 from ctrscale.optim.embedding.update import EmbeddingUpdate, clip_floor
 from ctrscale.optim.scaling import resolve_hyperparameters, scaled
 from ctrscale.train.checkpoint import (
+    CONFIG_FILE,
     MODEL_KEYS,
     STATE_FILE,
     checkpoint_config,
     load_into,
     resolve_checkpoint,
 )
+from ctrscale.train.checkpoint_mirror import CheckpointMirror
 from ctrscale.train.evaluate import evaluate
 from ctrscale.train.loop import (
     CONFIG_TOML,
@@ -107,9 +110,12 @@ def resumed_config(settings: UserSettings, out_dir: Path, allow_changes: bool) -
     """The run's saved config with the user's settings over it; a changed hyperparameter is an
     error unless `allow_changes`."""
     saved_path = out_dir / CONFIG_TOML
-    if not saved_path.exists():
+    if saved_path.exists():
+        saved = load_config(saved_path)
+    elif (stored := config_in_checkpoint_store(build_config(settings))) is not None:
+        saved = stored  # a new machine: the run directory is empty, the store has the run
+    else:
         raise CtrscaleError(f"--resume: {out_dir} holds no run to resume (no {CONFIG_TOML})")
-    saved = load_config(saved_path)
     config = build_config(settings, base=saved)
     changed = [d for d in differences(saved, config) if not d.startswith(RESUMABLE_CHANGES)]
     if changed and not allow_changes:
@@ -118,6 +124,21 @@ def resumed_config(settings: UserSettings, out_dir: Path, allow_changes: bool) -
             "resume with the saved settings, or pass --allow-config-change"
         )
     return config
+
+
+def config_in_checkpoint_store(config: Config) -> Config | None:
+    """The config of the latest checkpoint in `train.checkpoint_uri`, if it has one."""
+    if not config.train.checkpoint_uri:
+        return None
+    mirror = CheckpointMirror(config.train.checkpoint_uri)
+    name = mirror.latest()
+    text = None if name is None else mirror.store.read_bytes(name, CONFIG_FILE)
+    if text is None:
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / CONFIG_FILE
+        path.write_bytes(text)
+        return load_config(path)
 
 
 def run_cli(args) -> int:

@@ -45,6 +45,7 @@ from ctrscale.train.checkpoint import (
     Checkpointer,
     Progress,
 )
+from ctrscale.train.checkpoint_mirror import CheckpointMirror
 from ctrscale.train.evaluate import EvalResult, PeriodicEvaluator
 from ctrscale.train.frequency import IdFrequency
 from ctrscale.train.metrics_log import MetricsLog, TrainingWindow
@@ -75,9 +76,11 @@ def _train(config: Config, out_dir: Path, ctx: DistContext, resume: bool) -> dic
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
     )
+    uri = config.train.checkpoint_uri
     checkpointer = Checkpointer(
-        out_dir / "checkpoints", config.train.checkpoint_every_steps, trainer, train_loader
-    )
+        out_dir / "checkpoints", config.train.checkpoint_every_steps, trainer, train_loader,
+        CheckpointMirror(uri) if uri else None,
+    )  # fmt: skip
     progress = start(checkpointer, config, resume, steps_per_epoch)
     if resume and progress.step >= total_steps and (out_dir / METRICS_JSON).exists():
         # Resuming a finished run changes nothing.

@@ -120,3 +120,37 @@ def test_prepare_onto_an_object_store_publishes_days_only_through_metadata(
     assert refused.returncode == 2 and f"{uri}: day=0 already exist" in refused.stderr
     prepare(raw_days[:1], uri, "--overwrite")
     assert all_rows(uri) == all_rows(str(tmp_path / "local"))
+
+
+def test_a_run_resumes_from_its_object_store_checkpoints_on_a_machine_without_them(
+    s3_endpoint, tiny_dataset, tmp_path
+):
+    s3 = s3_filesystem(s3_endpoint)
+    s3.create_dir("checkpoints")
+    every = {"train.checkpoint_every_steps": 2, "train.eval_every_steps": 3}
+    straight = tmp_path / "straight"
+    run_ctrscale(
+        train_args(straight, tiny_overrides(tiny_dataset, **every, **{"train.max_steps": 6}))
+    )
+
+    mirrored = {**every, "train.checkpoint_uri": "s3://checkpoints/run"}
+    first = tmp_path / "first-machine"
+    run_ctrscale(
+        train_args(first, tiny_overrides(tiny_dataset, **mirrored, **{"train.max_steps": 4}))
+    )
+    names = sorted(
+        info.base_name for info in s3.get_file_info(pafs.FileSelector("checkpoints/run"))
+    )
+    assert names == ["latest", "step-00000002", "step-00000004"]
+    # A new machine: an empty run directory. Starting afresh would overwrite the store's run.
+    second = tmp_path / "second-machine"
+    longer = tiny_overrides(tiny_dataset, **mirrored, **{"train.max_steps": 6})
+    refused = run_ctrscale(train_args(second, longer), check=False)
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+    run_ctrscale([*train_args(second, longer), "--resume"])
+    for key in ("auc", "logloss", "steps"):
+        assert metrics(second)[key] == metrics(straight)[key], key
+    latest = s3.open_input_stream("checkpoints/run/latest").read().decode().strip()
+    assert latest == "step-00000006"
+    kept = sorted(info.base_name for info in s3.get_file_info(pafs.FileSelector("checkpoints/run")))
+    assert kept == ["latest", "step-00000004", "step-00000006"]  # the two newest, as on disk
