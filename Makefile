@@ -43,11 +43,13 @@ format: setup
 	$(BIN)/ruff check --fix ctrscale tests pipelines
 	$(BIN)/ruff format ctrscale tests pipelines
 
+# One pytest worker per core: most tests wait on child processes (training runs, torchrun,
+# servers), which overlap well; CI's 30 minutes hold only with them in parallel.
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto
 
 test-fast: lint
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -n auto -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
