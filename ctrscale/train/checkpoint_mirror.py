@@ -8,10 +8,12 @@ missing is incomplete, as on disk), then replaces U/latest, then deletes the sto
 checkpoints beyond the two newest. `--resume` without a local checkpoint downloads U/latest's
 checkpoint into the run's `checkpoints/` first (into a hidden directory renamed into place),
 and then resumes from it as from any local checkpoint: verified against its manifest.
+`fetch_checkpoint` brings one from a store for a warm start or `evaluate`.
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -66,3 +68,28 @@ class CheckpointMirror:
             return function(*args)
         except STORE_ERRORS as exc:
             raise CtrscaleError(f"train.checkpoint_uri {self.store.uri}: {exc}") from None
+
+
+def fetch_checkpoint(uri: str, into: Path) -> Path:
+    """A checkpoint in an object store downloaded into `into`/checkpoint: a `step-N` prefix, a
+    run's `train.checkpoint_uri` (its latest), or a model the refresh published there
+    (`refresh.publish_uri`/models/<date>, whose checkpoint/ it is). Verified when loaded."""
+    store = ObjectStore(uri, "checkpoint")
+    try:
+        if store.exists(STATE_FILE):
+            source: tuple[str, ...] = ()
+        elif store.exists("checkpoint", STATE_FILE):
+            source = ("checkpoint",)
+        elif (latest := store.read_bytes(LATEST)) is not None:
+            source = (latest.decode().strip(),)
+        else:
+            raise CtrscaleError(
+                f"{uri}: not a checkpoint (no {STATE_FILE}), a published model (no "
+                f"checkpoint/{STATE_FILE}) nor a run's checkpoints (no {LATEST})"
+            )
+        target = into / "checkpoint"
+        shutil.rmtree(target, ignore_errors=True)
+        store.download(target, *source)
+    except STORE_ERRORS as exc:
+        raise CtrscaleError(f"{uri}: {exc}") from None
+    return target

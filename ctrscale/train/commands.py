@@ -29,6 +29,7 @@ from ctrscale.errors import CtrscaleError
 from ctrscale.files import finite_or_none, write_json_atomic
 from ctrscale.optim.embedding.update import EmbeddingUpdate, clip_floor
 from ctrscale.optim.scaling import resolve_hyperparameters, scaled
+from ctrscale.storage import is_uri
 from ctrscale.train.checkpoint import (
     CONFIG_FILE,
     MODEL_KEYS,
@@ -37,7 +38,7 @@ from ctrscale.train.checkpoint import (
     load_into,
     resolve_checkpoint,
 )
-from ctrscale.train.checkpoint_mirror import CheckpointMirror
+from ctrscale.train.checkpoint_mirror import CheckpointMirror, fetch_checkpoint
 from ctrscale.train.evaluate import evaluate
 from ctrscale.train.loop import (
     CONFIG_TOML,
@@ -51,10 +52,18 @@ from ctrscale.train.step import build_trainer
 
 
 def evaluate_checkpoint(settings: UserSettings, source: str | Path) -> dict[str, Any]:
-    """Exact eval metrics of a saved model (any world size). The configuration is the one the
-    checkpoint was trained with, with the user's settings laid over it; a model setting that
-    differs from the checkpoint's is an error naming it."""
-    path = resolve_checkpoint(source)
+    """Exact eval metrics of a saved model (any world size), also one in an object store
+    (each rank downloads it: nodes need not share a filesystem)."""
+    if is_uri(source):
+        with tempfile.TemporaryDirectory(prefix="ctrscale-evaluate-") as directory:
+            result = _evaluate_path(settings, fetch_checkpoint(str(source), Path(directory)))
+        return {**result, "checkpoint": str(source)}
+    return _evaluate_path(settings, resolve_checkpoint(source))
+
+
+def _evaluate_path(settings: UserSettings, path: Path) -> dict[str, Any]:
+    """The configuration is the one the checkpoint was trained with, with the user's settings
+    laid over it; a model setting that differs from the checkpoint's is an error naming it."""
     saved = checkpoint_config(path)
     config = build_config(settings, base=saved)
     if changed := differences(saved, config, MODEL_KEYS):
@@ -76,7 +85,11 @@ def evaluate_checkpoint(settings: UserSettings, source: str | Path) -> dict[str,
 def run_evaluate_cli(args) -> int:
     result = evaluate_checkpoint(user_settings(args.config, args.overrides), args.checkpoint)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        out = args.out or default_evaluation_file(Path(result["checkpoint"]), result["step"])
+        stored = is_uri(result["checkpoint"])  # nothing is written into an object store
+        default = (
+            None if stored else default_evaluation_file(Path(result["checkpoint"]), result["step"])
+        )
+        out = args.out or default
         if out is not None:
             write_json_atomic(out, finite_or_none(result))
             result["written_to"] = str(out)

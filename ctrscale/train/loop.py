@@ -41,11 +41,12 @@ from ctrscale.files import (
 )
 from ctrscale.locking import ExclusiveLock
 from ctrscale.optim.scaling import epochs_factor
+from ctrscale.storage import is_uri
 from ctrscale.train.checkpoint import (
     Checkpointer,
     Progress,
 )
-from ctrscale.train.checkpoint_mirror import CheckpointMirror
+from ctrscale.train.checkpoint_mirror import CheckpointMirror, fetch_checkpoint
 from ctrscale.train.evaluate import EvalResult, PeriodicEvaluator
 from ctrscale.train.frequency import IdFrequency
 from ctrscale.train.metrics_log import MetricsLog, TrainingWindow
@@ -252,10 +253,17 @@ def start(
         return progress
     train = config.train
     if train.warm_start:
+        source = train.warm_start
+        if is_uri(source):  # into the run directory, which every rank sees
+            into = checkpointer.directory.parent / "warm-start"
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                fetch_checkpoint(source, into)
+            if dist.is_initialized():
+                dist.barrier()
+            source = into / "checkpoint"
         return checkpointer.warm_start(
-            train.warm_start, train.warm_start_optimizer, train.warm_start_continue_data,
-            steps_per_epoch,
-        )  # fmt: skip
+            source, train.warm_start_optimizer, train.warm_start_continue_data, steps_per_epoch
+        )
     return Progress()
 
 

@@ -5,6 +5,7 @@ days through metadata.json."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -154,3 +155,11 @@ def test_a_run_resumes_from_its_object_store_checkpoints_on_a_machine_without_th
     assert latest == "step-00000006"
     kept = sorted(info.base_name for info in s3.get_file_info(pafs.FileSelector("checkpoints/run")))
     assert kept == ["latest", "step-00000004", "step-00000006"]  # the two newest, as on disk
+    # The store's checkpoint scores as the run did, and warm-starts another run.
+    scored = run_ctrscale(["evaluate", "--checkpoint", "s3://checkpoints/run",
+                           *(f"--set={o}" for o in longer)])  # fmt: skip
+    assert json.loads(scored.stdout.strip().splitlines()[-1])["auc"] == metrics(second)["auc"]
+    warm = tiny_overrides(tiny_dataset, **{"train.max_steps": 1,
+                                           "train.warm_start": "s3://checkpoints/run"})  # fmt: skip
+    run_ctrscale(train_args(tmp_path / "warm", warm))
+    assert (tmp_path / "warm" / "warm-start" / "checkpoint" / "state.json").exists()
