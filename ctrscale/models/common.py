@@ -166,14 +166,18 @@ def deep_tower(
     ghost_batch_size: int | None = None,
 ) -> nn.Sequential:
     """DeepCTR's DNN (ReLU after every hidden layer; with `batch_norm`, ghost batch norm
-    before each ReLU) and its bias-free `Dense(1)` logit."""
+    before each ReLU) and its bias-free `Dense(1)` logit.
+
+    The ReLUs rectify in place: neither a linear layer's nor batch norm's backward reads its
+    own output, so the pre-activation need not be kept, and each hidden layer's forward writes
+    one [B, width] tensor instead of two (at 128K rows × 400, 200 MiB less per layer)."""
     layers: list[nn.Module] = []
     width = in_features
     for out in hidden:
         layers.append(nn.Linear(width, out, bias=True, device=device))
         if batch_norm:
             layers.append(GhostBatchNorm1d(out, ghost_batch_size, device=device))
-        layers.append(nn.ReLU())
+        layers.append(nn.ReLU(inplace=True))
         width = out
     tower = nn.Sequential(*layers, nn.Linear(width, 1, bias=False, device=device))
     _init_like_deepctr(tower)

@@ -251,3 +251,32 @@ def test_the_dnn_can_normalise_over_ghost_batches():
     assert [n.num_features for n in norms] == [16, 8] and {n.ghost_size for n in norms} == {32}
     plain = build_model(ModelConfig(dnn=[16, 8]), uniform_sizes(10))
     assert not any(isinstance(m, GhostBatchNorm1d) for m in plain.modules())
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_the_dnn_rectifies_in_place_with_the_gradients_of_a_plain_relu(batch_norm):
+    from ctrscale.models.common import deep_tower
+
+    torch.manual_seed(0)
+    tower = deep_tower(12, [16, 8], CPU, batch_norm=batch_norm, ghost_batch_size=4)
+    reference = deep_tower(12, [16, 8], CPU, batch_norm=batch_norm, ghost_batch_size=4)
+    reference.load_state_dict(tower.state_dict())
+    for index, layer in enumerate(reference):
+        if isinstance(layer, nn.ReLU):
+            reference[index] = nn.ReLU(inplace=False)
+    shared_storage = []
+    for layer in tower:
+        if isinstance(layer, nn.ReLU):
+            layer.register_forward_hook(
+                lambda _, inputs, output: shared_storage.append(
+                    inputs[0].data_ptr() == output.data_ptr()
+                )
+            )
+    x = torch.randn(10, 12)
+    outputs = [model(x).square().sum() for model in (tower, reference)]
+    for output in outputs:
+        output.backward()
+    assert shared_storage == [True, True]
+    assert torch.equal(outputs[0], outputs[1])
+    for (name, a), b in zip(tower.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
