@@ -307,8 +307,11 @@ class Checkpointer:
     def restore(self) -> Progress | None:
         """Continue from the latest checkpoint, exactly where it stopped (fetched from the
         object-store copy when there is none here); None without one."""
-        if self.mirror is not None and not (self.directory / LATEST).exists():
-            if _is_main():
+        if self.mirror is not None:
+            # Only rank 0 looks: a rank that looked after rank 0's download had written
+            # `latest` would skip the barrier the others wait in. (The run directory is shared
+            # by all ranks, as DCP's saves need it to be.)
+            if _is_main() and not (self.directory / LATEST).exists():
                 self.mirror.download_latest(self.directory)
             _barrier()
         path = latest_checkpoint(self.directory)

@@ -41,9 +41,13 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 def native_bf16(device: torch.device, flags: set[str] | None = None) -> tuple[bool, str]:
     """Whether `device` computes bf16 natively, and why."""
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return True, f"{torch.cuda.get_device_name(device)} supports bf16"
-        return False, f"{torch.cuda.get_device_name(device)} does not support bf16"
+        # Not torch.cuda.is_bf16_supported(): it asks the current device, not `device`, and by
+        # default also says yes where bf16 is only emulated (pre-Ampere GPUs such as V100, T4).
+        name = torch.cuda.get_device_name(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        if torch.version.hip or major >= 8:
+            return True, f"{name} (compute capability {major}.{minor}) has bf16 tensor cores"
+        return False, f"{name} (compute capability {major}.{minor}) only emulates bf16"
     found = [
         flag
         for flag in NATIVE_BF16_CPU_FLAGS

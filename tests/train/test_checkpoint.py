@@ -71,3 +71,24 @@ def test_a_checkpoint_records_its_config_and_refuses_a_changed_file(tmp_path, si
     shard.write_bytes(bytes(data))
     with pytest.raises(checkpoint.CheckpointError, match=f"{shard} is corrupt"):
         checkpoint.load_checkpoint(path, {"w": torch.zeros(1000)})
+
+
+@pytest.mark.parametrize("rank_sees_latest", [False, True])
+def test_every_rank_meets_rank_0_after_it_fetches_the_store_copy(
+    monkeypatch, tmp_path, rank_sees_latest
+):
+    # Rank 1 may look at the shared run directory before or after rank 0's download has
+    # written `latest`; either way it must enter the barrier rank 0 waits in.
+    class Mirror:
+        def download_latest(self, directory):
+            raise AssertionError("only rank 0 fetches the store's copy")
+
+    barriers = []
+    monkeypatch.setattr(checkpoint, "_is_main", lambda: False)
+    monkeypatch.setattr(checkpoint, "_barrier", lambda: barriers.append(1))
+    monkeypatch.setattr(checkpoint, "latest_checkpoint", lambda directory: None)
+    if rank_sees_latest:
+        (tmp_path / checkpoint.LATEST).write_text("step-00000002")
+    rank_1 = checkpoint.Checkpointer(tmp_path, None, trainer=None, loader=None, mirror=Mirror())
+    assert rank_1.restore() is None
+    assert barriers == [1]

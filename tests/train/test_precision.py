@@ -39,6 +39,24 @@ def test_auto_picks_bf16_only_where_the_cpu_computes_it_natively(choice, flags, 
     assert reason.startswith("bf16" if dtype == torch.bfloat16 else "fp32")
 
 
+@pytest.mark.parametrize(
+    ("capability", "dtype", "said"),
+    [((7, 0), torch.float32, "7.0) only emulates bf16"), ((8, 0), torch.bfloat16, "tensor cores")],
+)
+def test_auto_picks_bf16_only_on_gpus_with_bf16_tensor_cores(monkeypatch, capability, dtype, said):
+    # A V100 can hold bf16 tensors (torch.cuda.is_bf16_supported() says yes) but emulates the math.
+    asked = []
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "GPU")
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda device: asked.append(device) or capability
+    )
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    chosen, reason = resolve_precision(Precision.AUTO, torch.device("cuda", 1))
+    assert chosen == dtype and said in reason
+    assert asked == [torch.device("cuda", 1)]
+
+
 def test_cpu_flags_come_from_proc_cpuinfo(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\nbugs\t\t: spectre\n")
