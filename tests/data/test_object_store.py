@@ -121,6 +121,14 @@ def test_prepare_onto_an_object_store_publishes_days_only_through_metadata(
     assert refused.returncode == 2 and f"{uri}: day=0 already exist" in refused.stderr
     prepare(raw_days[:1], uri, "--overwrite")
     assert all_rows(uri) == all_rows(str(tmp_path / "local"))
+    # A replacement whose conversion fails leaves the day listed and readable as it was.
+    garbled = tmp_path / "day_0.tsv"
+    garbled.write_text("not\ta criteo row\n" * 50)
+    failed = run_ctrscale(
+        ["prepare", str(garbled), "--out", uri, "--ids", "vocab", "--overwrite"], check=False
+    )
+    assert failed.returncode != 0
+    assert all_rows(uri) == all_rows(str(tmp_path / "local"))
 
 
 def test_a_run_resumes_from_its_object_store_checkpoints_on_a_machine_without_them(

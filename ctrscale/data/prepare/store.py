@@ -65,12 +65,13 @@ def _prepare(store: ObjectStore, inputs: list[Path], options: dict[str, Any]):
                     "pass --overwrite to replace"
                 )
             if taken:
-                # Readers stop seeing these days before any of their objects change.
                 meta["days"] = {k: v for k, v in meta["days"].items() if int(k) not in taken}
-                unlisted = json.dumps(meta, indent=2)
-                store.write_bytes(unlisted.encode(), schema.METADATA_FILE)
-                (staging / schema.METADATA_FILE).write_text(unlisted)
+                (staging / schema.METADATA_FILE).write_text(json.dumps(meta, indent=2))
         summary = prepare_files(inputs, staging, days=days, **options)
+        if meta is not None and taken:
+            # Readers stop seeing the replaced days before any of their objects change, and
+            # only now: a conversion that fails leaves the store's listing as it was.
+            store.write_bytes(json.dumps(meta, indent=2).encode(), schema.METADATA_FILE)
         for day in days:
             store.delete_prefix(f"day={day}")  # an old version, or a killed run's objects
             files = json.loads((staging / f"day={day}" / MANIFEST_FILE).read_text())["files"]
