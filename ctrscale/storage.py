@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from ctrscale.errors import CtrscaleError
+from ctrscale.files import write_bytes_atomic
 
 CHUNK = 8 << 20  # bytes per read/write when moving whole files
 
@@ -26,9 +27,9 @@ STORE_ERRORS = (OSError, pa.ArrowException)
 
 
 def is_uri(path: str | os.PathLike[str]) -> bool:
-    """`scheme://…` of an object store (a `file://` URI is read as the local path it names)."""
-    text = os.fspath(path)
-    return "://" in text and not text.startswith("file://")
+    """`scheme://…`: read and written through pyarrow.fs like any store, `file://` included
+    (a mounted bucket is then handled as its object store would be)."""
+    return "://" in os.fspath(path)
 
 
 class ObjectStore:
@@ -61,6 +62,12 @@ class ObjectStore:
             return None
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
+        """A whole object: readers see the old bytes or the new ones, never a part (an object
+        store's PUT is atomic; a local file is written aside and renamed over)."""
+        if isinstance(self.filesystem, pafs.LocalFileSystem):
+            Path(self.path(*parts)).parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(self.path(*parts), data)
+            return
         with self._open_for_writing(*parts) as out:
             out.write(data)
 

@@ -15,6 +15,7 @@ from support import s3_filesystem
 
 from ctrscale.data.loader import ParquetBatchLoader
 from ctrscale.errors import DataError
+from ctrscale.storage import ObjectStore
 
 BUCKET = "ctr-logs"
 
@@ -171,3 +172,17 @@ def test_a_run_resumes_from_its_object_store_checkpoints_on_a_machine_without_th
                                            "train.warm_start": "s3://checkpoints/run"})  # fmt: skip
     run_ctrscale(train_args(tmp_path / "warm", warm))
     assert (tmp_path / "warm" / "warm-start" / "checkpoint" / "state.json").exists()
+
+
+def test_a_file_uri_is_a_store_like_any_other(raw_days, tmp_path):
+    # prepare onto it, read from it: the same rows as the local path, the days through its
+    # metadata.json; its pointer-like objects are replaced whole.
+    uri = f"file://{tmp_path / 'mounted-bucket'}"
+    prepare(raw_days, uri)
+    prepare(raw_days, str(tmp_path / "local"))
+    assert all_rows(uri) == all_rows(str(tmp_path / "local"))
+    store = ObjectStore(uri, "test")
+    store.write_bytes(b"step-00000002\n", "runs", "latest")
+    store.write_bytes(b"step-00000004\n", "runs", "latest")
+    assert (tmp_path / "mounted-bucket" / "runs" / "latest").read_bytes() == b"step-00000004\n"
+    assert sorted(p.name for p in (tmp_path / "mounted-bucket" / "runs").iterdir()) == ["latest"]
