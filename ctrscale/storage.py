@@ -61,6 +61,11 @@ class ObjectStore:
         except FileNotFoundError:
             return None
 
+    def read_pointer(self, *parts: str) -> str | None:
+        """The name a pointer object (`latest`) holds; None when it is missing or empty."""
+        data = self.read_bytes(*parts)
+        return (data.decode().strip() or None) if data is not None else None
+
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """A whole object: readers see the old bytes or the new ones, never a part (an object
         store's PUT is atomic; a local file is written aside and renamed over)."""

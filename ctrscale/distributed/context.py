@@ -45,6 +45,17 @@ class DistContext:
         return self.rank == 0
 
 
+def is_main_process() -> bool:
+    """Rank 0, or the only process: the one that writes what all ranks share."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Every rank waits here for the others (nothing to wait for in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -37,8 +37,7 @@ class RemoteRegistry:
         self.store = ObjectStore(uri, "refresh.publish_uri")
 
     def latest(self) -> str | None:
-        text = self.store.read_bytes(LATEST)
-        return (text.decode().strip() or None) if text is not None else None
+        return self.store.read_pointer(LATEST)
 
     def is_published(self, date: str) -> bool:
         return self.store.exists(MODELS, date, MANIFEST)

@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from ctrscale.config import Config, config_to_toml, differences, load_config
 from ctrscale.data.schema import sha256_file
+from ctrscale.distributed.context import barrier, is_main_process
 from ctrscale.errors import CtrscaleError, TrainingDiverged
 from ctrscale.files import publish_dir, write_json_atomic, write_text_atomic
 
@@ -116,15 +117,6 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def latest_checkpoint(directory: str | Path) -> Path | None:
     """The newest complete checkpoint, or None."""
     directory = Path(directory)
@@ -150,13 +142,13 @@ def save_checkpoint(
     directory = Path(directory)
     final = directory / f"step-{step:08d}"
     staging = directory / f".step-{step:08d}.tmp"
-    if _is_main():
+    if is_main_process():
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
-    _barrier()
+    barrier()
     dcp.save(tensors, checkpoint_id=staging)
-    _barrier()
-    if _is_main():
+    barrier()
+    if is_main_process():
         write_text_atomic(staging / CONFIG_FILE, config_to_toml(config))
         files = sorted(p for p in staging.iterdir() if p.is_file())
         manifest = {p.name: sha256_file(p, sync=True) for p in files}
@@ -165,7 +157,7 @@ def save_checkpoint(
         publish_dir(staging, final)  # a re-run that reached the same step replaces it
         write_text_atomic(directory / LATEST, final.name + "\n")
         _prune(directory, keep=keep, current=final)
-    _barrier()
+    barrier()
     return final
 
 
@@ -299,10 +291,14 @@ class Checkpointer:
         self.loader = loader
         self.mirror = mirror  # the object-store copy (checkpoint_mirror.py), if any
 
-    def has_checkpoint(self) -> bool:
-        """A checkpoint here, or in the object-store copy a new run would overwrite."""
-        local = (self.directory / LATEST).exists()
-        return local or (self.mirror is not None and self.mirror.latest() is not None)
+    def existing_checkpoints(self) -> str | None:
+        """Where checkpoints a new run would overwrite are: this run directory, or the
+        object-store copy; None when there are none."""
+        if (self.directory / LATEST).exists():
+            return str(self.directory.parent)
+        if self.mirror is not None and self.mirror.latest() is not None:
+            return self.mirror.store.uri
+        return None
 
     def restore(self) -> Progress | None:
         """Continue from the latest checkpoint, exactly where it stopped (fetched from the
@@ -311,9 +307,9 @@ class Checkpointer:
             # Only rank 0 looks: a rank that looked after rank 0's download had written
             # `latest` would skip the barrier the others wait in. (The run directory is shared
             # by all ranks, as DCP's saves need it to be.)
-            if _is_main() and not (self.directory / LATEST).exists():
+            if is_main_process() and not (self.directory / LATEST).exists():
                 self.mirror.download_latest(self.directory)
-            _barrier()
+            barrier()
         path = latest_checkpoint(self.directory)
         if path is None:
             return None
@@ -357,6 +353,6 @@ class Checkpointer:
         tensors = self.trainer.state_tensors()
         saved = save_checkpoint(self.directory, progress.step, tensors, state, self.trainer.config)
         if self.mirror is not None:
-            if _is_main():
+            if is_main_process():
                 self.mirror.upload(saved)
-            _barrier()
+            barrier()

@@ -14,7 +14,6 @@ and then resumes from it as from any local checkpoint: verified against its mani
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 from ctrscale.errors import CtrscaleError
@@ -31,8 +30,7 @@ class CheckpointMirror:
 
     def latest(self) -> str | None:
         """The name (step-N) of the store's newest complete checkpoint."""
-        text = self._call(self.store.read_bytes, LATEST)
-        return (text.decode().strip() or None) if text else None
+        return self._call(self.store.read_pointer, LATEST)
 
     def upload(self, checkpoint: Path) -> None:
         files = sorted(p for p in checkpoint.iterdir() if p.is_file() and p.name != STATE_FILE)
@@ -48,7 +46,9 @@ class CheckpointMirror:
         if name is None:
             return None
         directory.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=directory))
+        # Named as save_checkpoint names its staging, so its pruning removes a failed download's.
+        staging = directory / f".{name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
         self._call(self.store.download, staging, name)
         if not (staging / STATE_FILE).exists():
             raise CtrscaleError(f"{self.store.name(name)}: incomplete (no {STATE_FILE})")
@@ -80,8 +80,8 @@ def fetch_checkpoint(uri: str, into: Path) -> Path:
             source: tuple[str, ...] = ()
         elif store.exists("checkpoint", STATE_FILE):
             source = ("checkpoint",)
-        elif (latest := store.read_bytes(LATEST)) is not None:
-            source = (latest.decode().strip(),)
+        elif (latest := store.read_pointer(LATEST)) is not None:
+            source = (latest,)
         else:
             raise CtrscaleError(
                 f"{uri}: not a checkpoint (no {STATE_FILE}), a published model (no "

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ctrscale.choices import ClipMode
 from ctrscale.config import (
@@ -24,7 +23,7 @@ from ctrscale.config import (
     user_settings,
 )
 from ctrscale.data.loader import ParquetBatchLoader
-from ctrscale.distributed.context import init_distributed
+from ctrscale.distributed.context import init_distributed, is_main_process
 from ctrscale.errors import CtrscaleError
 from ctrscale.files import finite_or_none, write_json_atomic
 from ctrscale.optim.embedding.update import EmbeddingUpdate, clip_floor
@@ -84,7 +83,7 @@ def _evaluate_path(settings: UserSettings, path: Path) -> dict[str, Any]:
 
 def run_evaluate_cli(args) -> int:
     result = evaluate_checkpoint(user_settings(args.config, args.overrides), args.checkpoint)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_main_process():
         stored = is_uri(result["checkpoint"])  # nothing is written into an object store
         default = (
             None if stored else default_evaluation_file(Path(result["checkpoint"]), result["step"])
@@ -165,7 +164,7 @@ def run_cli(args) -> int:
         print_config(config)
         return 0
     metrics = train(config, out_dir, resume=args.resume)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_main_process():
         summary = {k: metrics[k] for k in ("auc", "logloss", "bayes_auc", "steps", "rows_per_s")}
         print(json.dumps(finite_or_none(summary)))
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from ctrscale.config import (
 )
 from ctrscale.data.loader import ParquetBatchLoader
 from ctrscale.data.schema import TRUE_PROBABILITY
-from ctrscale.distributed.context import DistContext, init_distributed
+from ctrscale.distributed.context import DistContext, barrier, init_distributed, is_main_process
 from ctrscale.distributed.shared_dir import check_shared_directory
 from ctrscale.errors import CtrscaleError
 from ctrscale.files import (
@@ -239,10 +240,10 @@ def start(
     checkpointer: Checkpointer, config: Config, resume: bool, steps_per_epoch: int
 ) -> Progress:
     """Where the run begins: its own latest checkpoint (`--resume`), a warm start, or step 0."""
-    if not resume and checkpointer.has_checkpoint():
+    if not resume and (existing := checkpointer.existing_checkpoints()) is not None:
         raise CtrscaleError(
-            f"{checkpointer.directory.parent} already holds a run's checkpoints: pass --resume "
-            "to continue it, or choose another --out"
+            f"{existing} already holds a run's checkpoints: pass --resume to continue it, or "
+            "choose another --out"
         )
     if resume:
         progress = checkpointer.restore()
@@ -254,16 +255,22 @@ def start(
     train = config.train
     if train.warm_start:
         source = train.warm_start
-        if is_uri(source):  # into the run directory, which every rank sees
-            into = checkpointer.directory.parent / "warm-start"
-            if not dist.is_initialized() or dist.get_rank() == 0:
-                fetch_checkpoint(source, into)
-            if dist.is_initialized():
-                dist.barrier()
-            source = into / "checkpoint"
-        return checkpointer.warm_start(
-            source, train.warm_start_optimizer, train.warm_start_continue_data, steps_per_epoch
-        )
+        if not is_uri(source):
+            return checkpointer.warm_start(
+                source, train.warm_start_optimizer, train.warm_start_continue_data, steps_per_epoch
+            )
+        into = checkpointer.directory.parent / "warm-start"  # every rank sees the run directory
+        if is_main_process():
+            fetch_checkpoint(source, into)
+        barrier()
+        progress = checkpointer.warm_start(
+            into / "checkpoint", train.warm_start_optimizer, train.warm_start_continue_data,
+            steps_per_epoch,
+        )  # fmt: skip
+        barrier()
+        if is_main_process():
+            shutil.rmtree(into)  # loaded: the copy would only fill the disk
+        return progress
     return Progress()
 
 

@@ -157,6 +157,7 @@ def test_a_run_resumes_from_its_object_store_checkpoints_on_a_machine_without_th
     longer = tiny_overrides(tiny_dataset, **mirrored, **{"train.max_steps": 6})
     refused = run_ctrscale(train_args(second, longer), check=False)
     assert refused.returncode == 2 and "pass --resume" in refused.stderr
+    assert "s3://checkpoints/run already holds a run's checkpoints" in refused.stderr
     run_ctrscale([*train_args(second, longer), "--resume"])
     for key in ("auc", "logloss", "steps"):
         assert metrics(second)[key] == metrics(straight)[key], key
@@ -171,7 +172,15 @@ def test_a_run_resumes_from_its_object_store_checkpoints_on_a_machine_without_th
     warm = tiny_overrides(tiny_dataset, **{"train.max_steps": 1,
                                            "train.warm_start": "s3://checkpoints/run"})  # fmt: skip
     run_ctrscale(train_args(tmp_path / "warm", warm))
-    assert (tmp_path / "warm" / "warm-start" / "checkpoint" / "state.json").exists()
+    cold = tiny_overrides(tiny_dataset, **{"train.max_steps": 1})
+    run_ctrscale(train_args(tmp_path / "cold", cold))
+    # One step from the trained model scores nearer to it than one step from scratch.
+    gap = {
+        run: abs(metrics(tmp_path / run)["auc"] - metrics(second)["auc"])
+        for run in ("warm", "cold")
+    }
+    assert gap["warm"] < gap["cold"]
+    assert not (tmp_path / "warm" / "warm-start").exists()  # the downloaded copy, once loaded
 
 
 def test_a_file_uri_is_a_store_like_any_other(raw_days, tmp_path):

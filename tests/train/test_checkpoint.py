@@ -84,8 +84,8 @@ def test_every_rank_meets_rank_0_after_it_fetches_the_store_copy(
             raise AssertionError("only rank 0 fetches the store's copy")
 
     barriers = []
-    monkeypatch.setattr(checkpoint, "_is_main", lambda: False)
-    monkeypatch.setattr(checkpoint, "_barrier", lambda: barriers.append(1))
+    monkeypatch.setattr(checkpoint, "is_main_process", lambda: False)
+    monkeypatch.setattr(checkpoint, "barrier", lambda: barriers.append(1))
     monkeypatch.setattr(checkpoint, "latest_checkpoint", lambda directory: None)
     if rank_sees_latest:
         (tmp_path / checkpoint.LATEST).write_text("step-00000002")
