@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable
 
 from ctrscale import __version__
+from ctrscale.choices import DenseTransform, IdEncoding, Precision
 from ctrscale.errors import CtrscaleError
 from ctrscale.runtime import tune_process
 
@@ -47,14 +48,14 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--dense-transform",
-        choices=["log1p", "minmax"],
+        choices=[t.value for t in DenseTransform],
         default=None,
         help="log1p(max(x,0)) [default for a new dataset] or min-max to [0,1] "
         "fitted once and stored; an existing dataset keeps its choice",
     )
     p.add_argument(
         "--ids",
-        choices=["hash", "vocab"],
+        choices=[e.value for e in IdEncoding],
         default=None,
         help="hash: hex→int mod table size [default for a new dataset]; vocab: "
         "frequency-thresholded vocabulary built once and reused",
@@ -235,8 +236,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     step.add_argument(
         "--precision",
         nargs="+",
-        choices=["fp32", "bf16"],
-        default=["fp32"],
+        choices=[p.value for p in Precision if p != Precision.AUTO],
+        default=[Precision.FP32.value],
         help="measure each precision (train.precision) with its own compute-bound limit; the "
         "first is the reference of the ratios",
     )

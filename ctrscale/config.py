@@ -408,7 +408,7 @@ class BenchTable(Section):
     @model_validator(mode="after")
     def _modifier_names_are_plain(self) -> BenchTable:
         for name in self.modifiers:
-            if not name or "+" in name or not name.isidentifier():
+            if not name.isidentifier():
                 raise ValueError(
                     f"bench.modifiers.{name!r}: a modifier name is a plain word (letters, "
                     "digits, _), used as RULE+NAME in bench.rules"

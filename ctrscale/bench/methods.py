@@ -56,7 +56,6 @@ MODIFIERS: dict[str, tuple[str, ...]] = {
 class RuleVariant:
     name: str
     scaling_rule: ScalingRule
-    modifiers: tuple[str, ...] = ()
     settings: tuple[str, ...] = ()  # the modifiers' overrides, in order
 
     def overrides(self) -> list[str]:
@@ -80,4 +79,4 @@ def parse_rule(name: str, preset_modifiers: dict[str, list[str]] | None = None) 
             "(e.g. cowclip+lamb, cowclip+dense)"
         )
     settings = tuple(setting for m in modifiers for setting in known[m])
-    return RuleVariant(name, ScalingRule(rule), tuple(modifiers), settings)
+    return RuleVariant(name, ScalingRule(rule), settings)

@@ -48,6 +48,7 @@ from ctrscale.train.checkpoint import (
 )
 from ctrscale.train.evaluate import evaluate
 from ctrscale.train.loop import id_frequency, make_loaders, step_budget
+from ctrscale.train.precision import forward_logits
 from ctrscale.train.step import Trainer, build_trainer
 
 METRICS = "metrics.json"
@@ -293,6 +294,6 @@ def reestimate_batch_norm(trainer: Trainer, loader: ParquetBatchLoader, batches:
     loader.set_epoch(0)
     for batch, _ in zip(loader, range(batches), strict=False):
         batch = batch.to(trainer.ctx.device)
-        trainer.dmp(batch.dense_features, batch.sparse_features)
+        forward_logits(trainer.dmp, batch, trainer.precision)  # as training computes it
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum

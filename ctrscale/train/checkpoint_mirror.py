@@ -32,6 +32,9 @@ class CheckpointMirror:
         """The name (step-N) of the store's newest complete checkpoint."""
         return self._call(self.store.read_pointer, LATEST)
 
+    def read_bytes(self, *parts: str) -> bytes | None:
+        return self._call(self.store.read_bytes, *parts)
+
     def upload(self, checkpoint: Path) -> None:
         files = sorted(p for p in checkpoint.iterdir() if p.is_file() and p.name != STATE_FILE)
         for file in [*files, checkpoint / STATE_FILE]:

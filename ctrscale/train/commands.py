@@ -144,7 +144,7 @@ def config_in_checkpoint_store(config: Config) -> Config | None:
         return None
     mirror = CheckpointMirror(config.train.checkpoint_uri)
     name = mirror.latest()
-    text = None if name is None else mirror.store.read_bytes(name, CONFIG_FILE)
+    text = None if name is None else mirror.read_bytes(name, CONFIG_FILE)
     if text is None:
         return None
     with tempfile.TemporaryDirectory() as directory:

@@ -51,6 +51,7 @@ from ctrscale.train.checkpoint_mirror import CheckpointMirror, fetch_checkpoint
 from ctrscale.train.evaluate import EvalResult, PeriodicEvaluator
 from ctrscale.train.frequency import IdFrequency
 from ctrscale.train.metrics_log import MetricsLog, TrainingWindow
+from ctrscale.train.precision import dtype_name
 from ctrscale.train.ramp import Ramp, join
 from ctrscale.train.step import Trainer, build_trainer
 from ctrscale.train.tracking import tracked_run
@@ -370,7 +371,7 @@ def environment(trainer: Trainer) -> dict[str, Any]:
         "host": socket.gethostname(),
         "world_size": ctx.world_size,
         "device": ctx.device.type,
-        "precision": str(trainer.precision).removeprefix("torch."),
+        "precision": dtype_name(trainer.precision),
         "precision_reason": trainer.precision_reason,
         "torch": torch.__version__,
     }

@@ -73,6 +73,11 @@ def resolve_precision(
     return torch.float32, f"fp32: train.precision = auto and {why}"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """`float32`, `bfloat16`: how run.json and hyperparameters.json name the dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 def forward_logits(model: nn.Module, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
     """The model's logits as fp32, its dense tower run in `dtype`."""
     device_type = batch.dense_features.device.type

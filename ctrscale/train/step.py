@@ -29,7 +29,7 @@ from ctrscale.optim.dense.update import DenseUpdate
 from ctrscale.optim.embedding.update import EmbeddingUpdate
 from ctrscale.optim.scaling import ResolvedHyperparameters, resolve_hyperparameters, scaled
 from ctrscale.train.discard import local_kept_rows
-from ctrscale.train.precision import forward_logits, resolve_precision
+from ctrscale.train.precision import dtype_name, forward_logits, resolve_precision
 
 
 @dataclass
@@ -122,7 +122,7 @@ class Trainer:
                 "lr": self.dense.config.lr,
                 "transform": self.dense.transform.value,
             },
-            "precision": str(self.precision).removeprefix("torch."),
+            "precision": dtype_name(self.precision),
             "precision_reason": self.precision_reason,
         }
 

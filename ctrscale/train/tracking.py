@@ -32,6 +32,8 @@ RUN_ID_FILE = "mlflow_run_id"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 # What a finished run directory holds that is worth keeping next to its MLflow run.
+# Metric batches in flight before the oldest half is waited for.
+MAX_PENDING = 64
 ARTIFACTS = ("config.toml", "plan.txt", "hyperparameters.json", "metrics.json", CURVES_FILE)
 
 
@@ -109,6 +111,7 @@ class MlflowSink:
         mlflow = import_mlflow()
         out_dir.mkdir(parents=True, exist_ok=True)
         self._client = mlflow.MlflowClient(tracking_uri=tracking.mlflow_uri)
+        self._pending: list = []  # asynchronous metric batches not known to be logged yet
         self._out_dir = out_dir
         id_file = out_dir / RUN_ID_FILE
         if id_file.exists():
@@ -143,10 +146,23 @@ class MlflowSink:
         now = int(time.time() * 1000)
         metrics = [Metric(mlflow_name(name), value, now, step) for name, value in values.items()]
         if metrics:
-            self._client.log_batch(self.run_id, metrics=metrics)
+            # Asynchronous: rank 0 would otherwise wait on the tracking server inside the
+            # training loop (and the other ranks for rank 0 at the next collective).
+            self._pending.append(
+                self._client.log_batch(self.run_id, metrics=metrics, synchronous=False)
+            )
+            if len(self._pending) > MAX_PENDING:
+                self._wait(self._pending[: MAX_PENDING // 2])
+
+    def _wait(self, operations: list) -> None:
+        """Block until `operations` are logged (raising what failed), and forget them."""
+        for operation in operations:
+            operation.wait()
+        del self._pending[: len(operations)]
 
     def finish(self, status: str = "FINISHED", artifacts: Sequence[str] = ARTIFACTS) -> None:
         """Upload the files `artifacts` names in the run directory and close the run."""
+        self._wait(list(self._pending))
         for name in artifacts:
             if (self._out_dir / name).exists():
                 self._client.log_artifact(self.run_id, str(self._out_dir / name))

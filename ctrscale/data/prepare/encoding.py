@@ -17,6 +17,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
+from ctrscale.choices import DenseTransform, IdEncoding, names
 from ctrscale.data import schema
 from ctrscale.data.prepare.parse import InputStats, check_rejects, scan
 from ctrscale.data.prepare.vocab import VOCAB_DIR, VocabCounter, Vocabulary
@@ -48,7 +49,7 @@ class Encoding:
 
     def _dense(self, name: str) -> pl.Expr:
         raw = pl.col(name).fill_null(0)
-        if self.dense_transform == "log1p":
+        if self.dense_transform == DenseTransform.LOG1P:
             value = raw.clip(lower_bound=0).cast(pl.Float64).log1p()
         else:
             low, high = self.dense_minmax[name]
@@ -113,12 +114,13 @@ def default_hash_buckets(cardinality: int) -> int:
 
 
 def validate_request(requested: Requested) -> None:
-    if requested.dense_transform not in (None, "log1p", "minmax"):
+    if requested.dense_transform not in (None, *DenseTransform):
         raise CtrscaleError(
-            f"dense_transform must be 'log1p' or 'minmax', not {requested.dense_transform!r}"
+            f"dense_transform must be one of {names(DenseTransform)}, not "
+            f"{requested.dense_transform!r}"
         )
-    if requested.ids not in (None, "hash", "vocab"):
-        raise CtrscaleError(f"ids must be 'hash' or 'vocab', not {requested.ids!r}")
+    if requested.ids not in (None, *IdEncoding):
+        raise CtrscaleError(f"ids must be one of {names(IdEncoding)}, not {requested.ids!r}")
     if requested.table_size is not None and requested.table_size < 2:
         raise CtrscaleError("--table-size must be at least 2 (id 0 is reserved for missing)")
     if requested.min_count is not None and requested.min_count < 1:
@@ -128,9 +130,8 @@ def validate_request(requested: Requested) -> None:
 def stored_encoding(out_dir: Path, meta: dict[str, Any], requested: Requested) -> Encoding:
     """The dataset's own encoding; explicit flags that contradict it are an error."""
     path = out_dir / schema.METADATA_FILE
-    if meta.get("ids") not in ("hash", "vocab") or meta.get("dense_transform") not in (
-        "log1p",
-        "minmax",
+    if meta.get("ids") not in tuple(IdEncoding) or meta.get("dense_transform") not in tuple(
+        DenseTransform
     ):
         raise CtrscaleError(f"{path}: not written by `ctrscale prepare` (no ids/dense_transform)")
     conflicts = []
@@ -138,8 +139,9 @@ def stored_encoding(out_dir: Path, meta: dict[str, Any], requested: Requested) -
         conflicts.append(f"--dense-transform {requested.dense_transform}")
     if requested.ids not in (None, meta["ids"]):
         conflicts.append(f"--ids {requested.ids}")
+    stored_sizes = set(meta["table_sizes"].values())
     if requested.table_size is not None and (
-        meta["ids"] != "hash" or set(meta["table_sizes"].values()) != {requested.table_size}
+        meta["ids"] != IdEncoding.HASH or stored_sizes != {requested.table_size}
     ):
         conflicts.append(f"--table-size {requested.table_size}")
     if requested.min_count not in (None, meta.get("min_count")):
@@ -160,7 +162,7 @@ def stored_encoding(out_dir: Path, meta: dict[str, Any], requested: Requested) -
         table_sizes={name: int(size) for name, size in meta["table_sizes"].items()},
         dense_minmax=meta.get("dense_minmax"),
         min_count=meta.get("min_count"),
-        vocabulary=Vocabulary.load(out_dir) if meta["ids"] == "vocab" else None,
+        vocabulary=Vocabulary.load(out_dir) if meta["ids"] == IdEncoding.VOCAB else None,
     )
 
 
@@ -173,18 +175,18 @@ def fit_encoding(
     short_lines: bool = False,
 ) -> Encoding:
     """A new dataset's encoding; min-max and vocabulary need one pass over all inputs."""
-    dense_transform = requested.dense_transform or "log1p"
-    ids = requested.ids or "hash"
-    if ids == "vocab" and requested.table_size is not None:
+    dense_transform = requested.dense_transform or DenseTransform.LOG1P
+    ids = requested.ids or IdEncoding.HASH
+    if ids == IdEncoding.VOCAB and requested.table_size is not None:
         raise CtrscaleError("--table-size applies to --ids hash; a vocabulary sizes itself")
-    if ids == "hash" and requested.min_count is not None:
+    if ids == IdEncoding.HASH and requested.min_count is not None:
         raise CtrscaleError("--min-count applies to --ids vocab only")
-    if dense_transform == "log1p" and ids == "hash":
+    if dense_transform == DenseTransform.LOG1P and ids == IdEncoding.HASH:
         return Encoding(dense_transform, ids, _hash_table_sizes(requested.table_size))
 
     progress(f"fitting {dense_transform} / {ids} on {len(jobs)} input(s) (first pass)")
-    dense_range = DenseRange() if dense_transform == "minmax" else None
-    counter = VocabCounter() if ids == "vocab" else None
+    dense_range = DenseRange() if dense_transform == DenseTransform.MINMAX else None
+    counter = VocabCounter() if ids == IdEncoding.VOCAB else None
     for source, day in jobs:
         stats = InputStats(source, day, short_lines, progress)
         for parsed in scan(stats):
