@@ -230,15 +230,15 @@ def prepare_run_dir(cell: Cell, config: Config, run_dir: Path) -> Path:
             recorded = load_config(path)
         except CtrscaleError:
             recorded = None
-        # Where a run reports (MLflow) does not change what it computes.
-        if recorded is not None:
-            recorded = recorded.model_copy(update={"tracking": config.tracking})
-        if recorded != config:
+        # Where a run reports (MLflow) does not change what it computes: a started run
+        # continues with this sweep's tracking (train --resume accepts that change).
+        if recorded is None or recorded.model_copy(update={"tracking": config.tracking}) != config:
             raise CtrscaleError(
                 f"{run_dir} was run with another config than this sweep's ({cell.label()}); "
                 "choose another --out, or delete that run directory to rerun it"
             )
-        return path
+        if recorded == config:
+            return path
     path.write_text(config_to_toml(config))
     return path
 

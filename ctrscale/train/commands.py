@@ -113,6 +113,7 @@ RESUMABLE_CHANGES = (
     "train.eval_every_steps",
     "train.checkpoint_every_steps",
     "train.tensorboard",
+    "tracking.",
     "data.prefetch_batches",
     "distributed.",
 )

@@ -307,6 +307,9 @@ def test_a_finished_run_is_matched_by_its_settings_not_the_text_of_its_config(tm
     changed = load_config(None, ["data.batch_size=512", "optim.dense.lr=0.5"])
     with pytest.raises(CtrscaleError, match="was run with another config"):
         prepare_run_dir(cell, changed, tmp_path)
+    # Where the run reports is not what it computes: a resumed sweep's tracking applies.
+    tracked = load_config(None, ["data.batch_size=512", 'tracking.mlflow_uri="http://mlflow:5000"'])
+    assert load_config(prepare_run_dir(cell, tracked, tmp_path)) == tracked
 
 
 def test_a_preset_modifier_whose_name_holds_a_plus_is_refused_naming_it(tmp_path, capsys):

@@ -184,3 +184,16 @@ def test_every_preset_with_a_bench_table_is_usable_by_train(preset, tiny_dataset
         ]
     )
     assert "[model]" in done.stdout and '"embedding"' in done.stdout
+
+
+def test_resume_may_change_where_the_run_reports_but_not_what_it_computes(tmp_path):
+    from ctrscale.config import ConfigError, config_to_toml, load_config, user_settings
+    from ctrscale.train.commands import resumed_config
+    from ctrscale.train.loop import CONFIG_TOML
+
+    (tmp_path / CONFIG_TOML).write_text(config_to_toml(load_config(None, [])))
+    tracked = ['tracking.mlflow_uri="http://mlflow:5000"', "train.eval_every_steps=7"]
+    resumed = resumed_config(user_settings(None, tracked), tmp_path, allow_changes=False)
+    assert resumed.tracking.mlflow_uri == "http://mlflow:5000"
+    with pytest.raises(ConfigError, match=r"optim\.dense\.lr"):
+        resumed_config(user_settings(None, ["optim.dense.lr=0.5"]), tmp_path, allow_changes=False)
