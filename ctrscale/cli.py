@@ -226,6 +226,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="also time the largest batch with CowClip off and on and report the step-time ratio",
     )
     step.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure the --cowclip-overhead ratio in this many processes and report their "
+        "median (default 1)",
+    )
+    step.add_argument(
         "--methods",
         nargs="+",
         default=None,

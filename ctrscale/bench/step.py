@@ -248,15 +248,7 @@ def run_cli(args) -> int:
                     _print_row(results[-1])
         largest = max(args.batch_sizes)
         if args.cowclip_overhead:
-            overhead = _run_child(args, base, largest, extra=["--cowclip-overhead"])
-            results.append(overhead)
-            seconds = overhead["step_seconds"]
-            print(
-                f"batch {largest:>7} CowClip off/on: {seconds['off']:.3f} / {seconds['on']:.3f} "
-                f"s per step (median of {overhead['rounds']} alternated steps each): "
-                f"{overhead['cowclip_step_time_overhead']:+.1%}",
-                flush=True,
-            )
+            results.append(_cowclip_overheads(args, base, largest))
         if args.methods:
             ratios = _run_child(args, base, largest, extra=["--methods", *args.methods])
             results.append(ratios)
@@ -267,6 +259,30 @@ def run_cli(args) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({"runs": results, **summary}, indent=2) + "\n")
     return 0
+
+
+def _cowclip_overheads(args, base: list[str], batch_size: int) -> dict[str, Any]:
+    """`--repeat` processes' CowClip overheads and their median: a process's ratio varies by a
+    few percent from one process to the next (allocator layout, thread placement)."""
+    if args.repeat < 1:
+        raise CtrscaleError(f"--repeat must be at least 1, got {args.repeat}")
+    runs = []
+    for _ in range(args.repeat):
+        runs.append(_run_child(args, base, batch_size, extra=["--cowclip-overhead"]))
+        seconds = runs[-1]["step_seconds"]
+        print(
+            f"batch {batch_size:>7} CowClip off/on: {seconds['off']:.3f} / {seconds['on']:.3f} "
+            f"s per step (median of {runs[-1]['rounds']} alternated steps each): "
+            f"{runs[-1]['cowclip_step_time_overhead']:+.1%}",
+            flush=True,
+        )
+    overheads = [run["cowclip_step_time_overhead"] for run in runs]
+    middle = sorted(runs, key=lambda run: run["cowclip_step_time_overhead"])[len(runs) // 2]
+    return {
+        **middle,
+        "cowclip_step_time_overhead": statistics.median(overheads),
+        "cowclip_step_time_overhead_runs": overheads,
+    }
 
 
 def _run_child(

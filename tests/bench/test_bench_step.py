@@ -18,7 +18,7 @@ SMALL = ["model.dnn=[32]", "model.embedding_dim=8", "data.shuffle_buffer_rows=40
 def test_bench_step_reports_every_batch_size_source_the_cowclip_overhead_and_methods(tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "step", "--batch-sizes", "256", "1024", "--with-loader"]
-    args += ["--cowclip-overhead", "--methods", "lamb", "gsnr"]
+    args += ["--cowclip-overhead", "--repeat", "3", "--methods", "lamb", "gsnr"]
     args += ["--rows", "20000", "--min-seconds", "0.3", "--out", str(out)]
     for override in SMALL:
         args += ["--set", override]
@@ -46,8 +46,11 @@ def test_bench_step_reports_every_batch_size_source_the_cowclip_overhead_and_met
     (overhead,) = [run for run in report["runs"] if "cowclip_step_time_overhead" in run]
     assert overhead["batch_size"] == 1024 and overhead["rounds"] >= 5
     ratio = overhead["step_seconds"]["on"] / overhead["step_seconds"]["off"]
-    assert math.isclose(report["cowclip_step_time_overhead"], ratio - 1.0)
-    assert "CowClip off/on" in done.stdout and "rows/s" in done.stdout
+    # The median of three processes' ratios, and the steps of the process that measured it.
+    runs_overheads = overhead["cowclip_step_time_overhead_runs"]
+    assert len(runs_overheads) == 3 and math.isclose(ratio - 1.0, sorted(runs_overheads)[1])
+    assert report["cowclip_step_time_overhead"] == sorted(runs_overheads)[1]
+    assert done.stdout.count("CowClip off/on") == 3 and "rows/s" in done.stdout
     (methods,) = [run for run in report["runs"] if "step_time_over_adam" in run]
     seconds = methods["step_seconds"]
     assert set(seconds) == {"adam", "lamb", "gsnr"}
